@@ -1,0 +1,1 @@
+"""fastneg: contrastive learning with non-semantic negatives at GPU speed."""
