@@ -1,0 +1,138 @@
+"""The embedded shapes dataset: determinism, balance, the texture shortcut, bad input."""
+import hashlib
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from fastneg.data.imagefolder import scan_image_folder
+from fastneg.data.synthetic import (SHAPES, SPLITS, TEXTURES, DatasetSpec, make_dataset,
+                                    read_metadata)
+
+SPEC = DatasetSpec(images_per_class=20, size=32, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("d") / "shapes", SPEC, progress=False)
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_different_seed_different(shapes, tmp_path):
+    again = make_dataset(tmp_path / "again", SPEC, progress=False, workers=1)
+    assert _digest(again) == _digest(shapes)
+    other = make_dataset(tmp_path / "other", DatasetSpec(images_per_class=20, size=32, seed=4),
+                         progress=False)
+    assert _digest(other) != _digest(shapes)
+
+
+def test_splits_balanced_and_metadata_matches_files(shapes):
+    for split in SPLITS:
+        rows = read_metadata(shapes / split)
+        listing = scan_image_folder(shapes / split)
+        assert listing.classes == tuple(sorted(SHAPES))
+        assert sorted(r["file"] for r in rows) == sorted(listing.files)
+        counts = Counter(r["shape"] for r in rows)
+        assert set(counts.values()) == {SPEC.count(split)}, counts
+        by_file = dict(zip(listing.files, listing.labels.tolist()))
+        for r in rows:   # label column = the shape; folder = the shape
+            assert SHAPES[r["label"]] == r["shape"] == r["file"].split("/")[0]
+            assert listing.classes[by_file[r["file"]]] == r["shape"]
+
+
+def test_texture_shortcut_and_conflict_rules(shapes):
+    train = read_metadata(shapes / "train")
+    dominant = np.mean([r["texture_class"] == r["label"] for r in train])
+    n = len(train)
+    se = np.sqrt(0.8 * 0.2 / n)
+    assert abs(dominant - 0.8) < 4 * se, dominant
+    for r in read_metadata(shapes / "conflict"):
+        assert r["texture_class"] != r["label"]
+        assert r["texture"] == TEXTURES[r["texture_class"]]
+    assert all(r["texture"] == "none" for r in read_metadata(shapes / "outline"))
+
+
+def test_p_dominant_statistics_large_sample(tmp_path):
+    # The correlation holds at another p too (draws only: rendering is not needed for this).
+    from fastneg.data.synthetic import draw_texture_family, image_rng
+    p = 0.6
+    hits = [draw_texture_family("train", i % 10, image_rng(0, "train", i), p) == i % 10
+            for i in range(4000)]
+    assert abs(np.mean(hits) - p) < 3 * np.sqrt(p * (1 - p) / 4000)
+
+
+def test_images_decode_with_pil_and_torchvision(shapes):
+    files = sorted((shapes / "val").rglob("*.jpg"))[:20]
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.size == (32, 32) and im.mode == "RGB"
+        x = torchvision.io.decode_jpeg(torchvision.io.read_file(str(f)))
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+        assert x.float().std() > 5   # not a blank image
+
+
+def test_imagenet_like_size(tmp_path):
+    out = make_dataset(tmp_path / "big", DatasetSpec(images_per_class=1, imagenet_like=True),
+                       progress=False)
+    with Image.open(next((out / "train").rglob("*.jpg"))) as im:
+        assert im.size == (500, 375)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastneg.cli", *args], capture_output=True,
+                          text=True)
+
+
+def test_non_empty_dir_without_force_is_refused_and_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = _cli("make-data", "--out", str(out), "--images-per-class", "1", "--size", "16")
+    assert r.returncode == 2
+    assert "not empty" in r.stderr and "--force" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    r = _cli("make-data", "--out", str(out), "--images-per-class", "1", "--size", "16", "--force")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "keep.txt").exists() and (out / "train" / "metadata.csv").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; checked as a user only")
+def test_unwritable_parent_is_refused_as_user(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    r = _cli("make-data", "--out", str(ro / "x"), "--images-per-class", "1")
+    assert r.returncode == 2 and "cannot write" in r.stderr
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = _cli("make-data", "--out", str(f), "--images-per-class", "1")
+    assert r.returncode == 2 and "not a directory" in r.stderr
+    assert f.read_text() == "x"
+
+
+def test_write_failure_leaves_no_partial_dataset(tmp_path):
+    # An output under a path component that is a file cannot be created: clear error, no debris.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    r = _cli("make-data", "--out", str(blocker / "sub" / "data"), "--images-per-class", "1")
+    assert r.returncode == 2 and "error" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
