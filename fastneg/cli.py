@@ -8,6 +8,7 @@ import sys
 
 VERB_MODULES = [
     "fastneg.data.cli",        # make-data
+    "fastneg.texture.cli",     # build-bank
 ]
 
 

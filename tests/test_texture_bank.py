@@ -1,0 +1,174 @@
+"""The texture bank: row order, resume after a kill, mismatch checks, smaller banks, CLI, loading."""
+import json
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastneg.cli import main
+from fastneg.data.imagefolder import scan_image_folder
+from fastneg.data.synthetic import DatasetSpec, make_dataset
+from fastneg.texture import BankSpec, TextureBank, build_bank, synthesize
+from fastneg.texture.bank import DONE_FILE, INDEX_FILE, TEXTURES_FILE, select_rows
+
+SPEC = BankSpec(size=40, exemplar=24, seed=3)     # block 9, overlap 2 by default
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("texture") / "shapes",
+                        DatasetSpec(images_per_class=4, size=32), progress=False)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def bank(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bank") / "bank"
+    build_bank(data, out, SPEC, workers=1, progress=False)
+    return out
+
+
+def read_textures(bank_dir, spec=SPEC):
+    return np.fromfile(bank_dir / TEXTURES_FILE, np.uint8).reshape(-1, spec.size, spec.size, 3)
+
+
+def test_rows_follow_dataset_index_order(data, bank):
+    images = scan_image_folder(data)
+    textures = read_textures(bank)
+    assert len(textures) == len(images) == 40
+    for i in (0, 17, 39):
+        src = np.asarray(Image.open(images.path(i)).convert("RGB"))
+        expected = synthesize(src, SPEC.size, exemplar=SPEC.exemplar, seed=SPEC.seed, sample=i)
+        np.testing.assert_array_equal(textures[i], expected)
+    meta = json.loads((bank / INDEX_FILE).read_text())
+    assert meta["complete"] and meta["fingerprint"] == images.fingerprint()
+    assert not (bank / DONE_FILE).exists()
+
+
+def _build_then_kill(data, out, after_rows):
+    """Child process: build with one worker and SIGKILL itself once `after_rows` are stored."""
+    def kill(done, rows):
+        if done >= after_rows:
+            os.kill(os.getpid(), signal.SIGKILL)
+    build_bank(data, out, SPEC, workers=1, chunk=4, progress=False, on_chunk=kill)
+
+
+def test_resume_after_kill_equals_uninterrupted_build(data, bank, tmp_path):
+    out = tmp_path / "killed"
+    child = multiprocessing.get_context("fork").Process(target=_build_then_kill,
+                                                        args=(data, out, 12))
+    child.start()
+    child.join(120)
+    assert child.exitcode == -signal.SIGKILL
+    done = np.fromfile(out / DONE_FILE, np.uint8)
+    assert done.sum() == 12
+    with pytest.raises(ValueError, match="incomplete.*--resume"):
+        TextureBank.load(out, "cpu")
+    with pytest.raises(FileExistsError, match="--resume"):
+        build_bank(data, out, SPEC, workers=1, progress=False)
+    # A torn write: rows not yet marked done hold garbage; resume must redo exactly those.
+    with open(out / TEXTURES_FILE, "r+b") as fh:
+        row = SPEC.size * SPEC.size * 3
+        fh.seek(12 * row)
+        fh.write(b"\xff" * (3 * row))
+    report = build_bank(data, out, SPEC, workers=2, chunk=5, resume=True, progress=False)
+    assert report.built == 40 - 12
+    assert (out / TEXTURES_FILE).read_bytes() == (bank / TEXTURES_FILE).read_bytes()
+    assert json.loads((out / INDEX_FILE).read_text())["complete"]
+    assert build_bank(data, out, SPEC, resume=True, progress=False).built == 0
+
+
+def test_mismatched_bank_or_settings_are_rejected(data, bank, tmp_path):
+    other = make_dataset(tmp_path / "other", DatasetSpec(images_per_class=3, size=32),
+                         progress=False) / "train"
+    with pytest.raises(ValueError, match="built for"):
+        TextureBank.load(bank, "cpu", expect=scan_image_folder(other))
+    with pytest.raises(ValueError, match="built for"):
+        TextureBank.load(bank, "cpu", expect=other)
+    assert len(TextureBank.load(bank, "cpu", expect=data)) == 40
+    assert len(TextureBank.load(bank, "cpu", expect=scan_image_folder(data).fingerprint())) == 40
+    with pytest.raises(ValueError, match="seed: 3 -> 4"):
+        build_bank(data, bank, BankSpec(size=40, exemplar=24, seed=4), resume=True,
+                   progress=False)
+    with pytest.raises(ValueError, match="fingerprint"):
+        build_bank(other, bank, SPEC, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a texture bank"):
+        TextureBank.load(tmp_path, "cpu")
+
+
+def test_load_on_cpu(bank):
+    tb = TextureBank.load(bank, "cpu")
+    assert tb.textures.shape == (40, 40, 40, 3) and tb.textures.dtype == torch.uint8
+    assert tb.placement == "mmap"
+    np.testing.assert_array_equal(tb.textures.numpy(), read_textures(bank))
+    idx = torch.tensor([5, 0, 39])
+    assert torch.equal(tb.rows_for(idx), idx)
+    textures, ids = tb.for_batch(idx)
+    assert torch.equal(textures[ids], tb.textures[idx])
+
+
+@pytest.mark.cuda
+def test_load_on_gpu(bank):
+    tb = TextureBank.load(bank, "cuda")
+    assert tb.placement == "cuda" and tb.textures.is_cuda
+    np.testing.assert_array_equal(tb.textures.cpu().numpy(), read_textures(bank))
+    idx = torch.tensor([3, 1], device="cuda")
+    assert torch.equal(tb.rows_for(idx), idx)
+    textures, ids = tb.for_batch(idx)
+    assert textures.is_cuda and torch.equal(textures[ids].cpu(), tb.textures[idx].cpu())
+
+
+@pytest.mark.cuda
+def test_pinned_fallback_when_over_gpu_budget(bank):
+    tb = TextureBank.load(bank, "cuda", gpu_budget=0.0)
+    assert tb.placement == "pinned" and tb.textures.is_pinned()
+    idx = torch.tensor([7, 2], device="cuda")
+    textures, ids = tb.for_batch(idx)
+    assert textures.is_cuda and torch.equal(textures[ids].cpu(), tb.textures[idx.cpu()])
+
+
+def test_select_rows_rule():
+    labels = np.repeat(np.arange(3), [10, 4, 1])
+    sources, image_rows = select_rows(labels, 6)
+    assert len(sources) == 6
+    # One each, then the other 3 in proportion to (9, 3, 0) by largest remainder: 2.25, 0.75, 0.
+    assert np.bincount(labels[sources]).tolist() == [3, 2, 1]
+    assert np.bincount(select_rows(np.repeat(np.arange(4), 5), 12)[0] // 5).tolist() == [3] * 4
+    np.testing.assert_array_equal(labels[sources[image_rows]], labels)   # same class
+    np.testing.assert_array_equal(image_rows[sources], np.arange(6))     # chosen: own texture
+    assert np.all(np.diff(image_rows) >= 0)                              # runs in order
+    with pytest.raises(ValueError, match="number of classes"):
+        select_rows(labels, 2)
+
+
+def test_limited_bank_of_tiny_images(data, tmp_path):
+    # exemplar 48 > the 32-pixel images: the documented rule upscales them first.
+    spec = BankSpec(size=40, exemplar=48, limit=12)
+    build_bank(data, tmp_path / "small", spec, workers=1, progress=False)
+    tb = TextureBank.load(tmp_path / "small", "cpu", expect=data)
+    labels = torch.from_numpy(scan_image_folder(data).labels)
+    rows = tb.rows_for(torch.arange(40))
+    assert len(tb) == 12 and int(rows.max()) == 11
+    sources = torch.from_numpy(np.load(tmp_path / "small" / "sources.npy"))
+    assert torch.equal(labels[sources[rows]], labels)
+    assert tb.textures.reshape(12, -1).float().std(1).min() > 0     # every row was written
+
+
+def test_cli_builds_bank_and_preview(data, tmp_path, capsys):
+    png = tmp_path / "grid.png"
+    args = ["build-bank", str(data), "--out", str(tmp_path / "b"), "--size", "40",
+            "--exemplar", "24", "--limit", "10", "--workers", "1", "--quiet", "--preview", str(png)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "textures/s" in printed and "per core" in printed
+    with Image.open(png) as im:
+        assert im.width > im.height > 0
+    assert main(args) == 2                               # exists: needs --resume or --force
+    assert "--resume" in capsys.readouterr().err
+    assert main(args + ["--force"]) == 0
+    assert main(["build-bank", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
+    assert "does not exist" in capsys.readouterr().err
