@@ -9,6 +9,7 @@ import sys
 VERB_MODULES = [
     "fastneg.data.cli",        # make-data
     "fastneg.texture.cli",     # build-bank
+    "fastneg.data.convert",    # convert
 ]
 
 

@@ -9,14 +9,29 @@
 
 Loaders only read, decode (once per sample) and crop; every pixel operation after that lives
 in fastneg.augment and fastneg.kernels, so all backends feed the same augmentation.
+
+All backends agree on the dataset index of a file (its position in
+fastneg.data.imagefolder.scan_image_folder), on the epoch order and its shards (one permutation
+per (seed, epoch) from fastneg's RNG, see loaders.common) and, for images of the same size, on the
+crop windows (fastneg.kernels.crop boxes of (seed, epoch, index, view)). They differ in the
+resampling filter of the resize (see each backend's docstring) and FFCV in the stored pixels
+(re-encoded JPEG with a maximum side, see fastneg.data.convert).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import NamedTuple
 
 import torch
 
 KINDS = ("dali", "ffcv", "torch")
+# kind -> (backend module, the package it needs, the pip extra that installs it)
+_BACKENDS = {
+    "dali": ("fastneg.loaders.dali", "nvidia.dali", "dali"),
+    "ffcv": ("fastneg.loaders.ffcv", "ffcv", "ffcv"),
+    "torch": ("fastneg.loaders.torch_loader", "torchvision", "all"),
+}
 
 
 class Batch(NamedTuple):
@@ -24,3 +39,44 @@ class Batch(NamedTuple):
     views: tuple[torch.Tensor, ...]   # each uint8 [N, size, size, 3] on the loader's device
     labels: torch.Tensor              # int64 [N]
     indices: torch.Tensor             # int64 [N]: dataset index (pairs a sample with its texture)
+
+
+def available_kinds() -> tuple[str, ...]:
+    """The kinds whose library is installed here (found, not imported: FFCV's import is slow)."""
+    return tuple(k for k in KINDS if importlib.util.find_spec(_BACKENDS[k][1].split(".")[0])
+                 and importlib.util.find_spec(_BACKENDS[k][1]))
+
+
+def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int = 224,
+                 scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), device, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, workers: int | None = None,
+                 drop_last: bool = True, shuffle: bool = True, skip_bad: bool = False):
+    """A Loader of `kind` over `data`: an ImageFolder root, or for "ffcv" a .beton written by
+    `fastneg convert --to ffcv`.
+
+    Each batch: `views` random resized crops (area fraction in `scale`, aspect ratio in `ratio`)
+    of one decode per image, as uint8 [N, size, size, 3] on `device`, with labels and dataset
+    indices (also on `device`). scale=None (with views=1, and usually shuffle=False) gives the
+    evaluation crop: shorter side resized to size / 0.875, centre size x size.
+    rank / world_size shard the epoch; `seed` and set_epoch(e) fix order and crops. `workers`
+    (default: the cores this process may use) are DataLoader processes for "torch" (0: none)
+    and CPU threads for DALI and FFCV. Files no decoder can read stop the build with a
+    ValueError naming them, or with skip_bad=True are left out and counted in `loader.skipped`
+    (and logged at the end of each epoch); see loaders.common.LoaderBase for files that fail
+    only when decoded.
+    """
+    from fastneg.loaders.common import LoaderConfig
+
+    if kind not in _BACKENDS:
+        raise ValueError(f"unknown loader kind {kind!r}; choose one of {', '.join(KINDS)}")
+    cfg = LoaderConfig(batch_size=batch_size, views=views, size=size,
+                       scale=None if scale is None else tuple(scale), ratio=tuple(ratio),
+                       device=device, rank=rank, world_size=world_size, seed=seed,
+                       workers=workers, drop_last=drop_last, shuffle=shuffle, skip_bad=skip_bad)
+    module_name, package, extra = _BACKENDS[kind]
+    try:
+        importlib.import_module(package)
+    except ImportError as e:
+        raise ImportError(f"the {kind!r} loader needs {package}, which cannot be imported here "
+                          f"({e}); install it with: pip install 'fastneg[{extra}]'") from e
+    return importlib.import_module(module_name).Loader(data, cfg)

@@ -1,0 +1,201 @@
+"""`fastneg convert --to ffcv DIR OUT.beton`: an ImageFolder to FFCV's .beton format.
+
+Layout (what fastneg.loaders.ffcv reads): sample i = dataset index i of
+fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
+    image   RGBImageField, JPEG, re-encoded by OpenCV at `quality` after PIL decodes the file
+            to RGB, shrunk (OpenCV INTER_AREA) so the longer side is at most `max_side`
+    label   IntField, the class index; -1 marks a file that could not be decoded
+    index   IntField, the dataset index
+and a sidecar OUT.beton.json: layout version, classes, source fingerprint, the bad files.
+
+Every file is checked before writing (loaders.common.check_files); unreadable files stop the
+conversion with their names unless skip_bad, which stores them as 1x1 placeholders with label -1
+so that sample numbers stay dataset indices. Writing runs in a process of its own
+(`convert_to_beton` starts one): FFCV's writer can deadlock on Numba's compile lock in a process
+that has already run an FFCV Loader, and it hangs if a sample raises, so samples never raise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fastneg.data.imagefolder import scan_image_folder
+
+LAYOUT = "fastneg-beton"
+LAYOUT_VERSION = 1
+FIELDS = ("image", "label", "index")
+BAD_LABEL = -1
+DEFAULT_MAX_SIDE = 512     # as in FFCV's ImageNet examples; larger sides mostly cost decode time
+DEFAULT_QUALITY = 90
+MAX_SIDE_LIMIT = 4096      # bounds the writer's page size (see _page_size) to 128 MiB
+
+
+def sidecar_path(beton) -> Path:
+    return Path(str(beton) + ".json")
+
+
+class _Samples:
+    """The indexed dataset FFCV's writer reads: (RGB array, label, index) per dataset index.
+
+    Never raises (a raising sample hangs FFCV's writer): a file that fails to decode becomes a
+    1x1 placeholder with label BAD_LABEL.
+    """
+
+    def __init__(self, images, skip: set[int]):
+        self.images, self.skip = images, skip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        placeholder = (np.zeros((1, 1, 3), np.uint8), BAD_LABEL, i)
+        if i in self.skip:
+            return placeholder
+        try:
+            return decode_rgb(self.images.path(i)), int(self.images.labels[i]), i
+        except Exception:   # noqa: BLE001 - reported after writing, see write_beton
+            return placeholder
+
+
+def decode_rgb(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _decode_problem(path) -> str:
+    try:
+        decode_rgb(path)
+    except Exception as e:   # noqa: BLE001 - the message is the report
+        return f"cannot be decoded ({e})"
+    return "cannot be decoded"
+
+
+def _page_size(max_side: int) -> int:
+    """Smallest power of two >= 8 MiB (FFCV's default) holding twice a raw max_side^2 image."""
+    need = max(8 << 20, 2 * 3 * max_side * max_side)
+    return 1 << (need - 1).bit_length()
+
+
+def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY,
+                skip_bad: bool = False, workers: int | None = None, force: bool = False) -> dict:
+    """Write the .beton and its sidecar in this process (see the module docstring); returns the
+    sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
+    from fastneg.loaders.common import available_cpus, check_files, require_readable
+
+    if not 1 <= max_side <= MAX_SIDE_LIMIT:
+        raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"--quality must be in [1, 100], got {quality}")
+    out = Path(out)
+    if out.suffix != ".beton":
+        raise ValueError(f"output file {out} should end in .beton")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    workers = workers or available_cpus()
+    images = scan_image_folder(src)
+    check = check_files(images, workers)
+    require_readable(check, skip_bad)
+    bad = dict(check.bad)
+
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")   # renamed when complete
+    fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_side,
+                                     jpeg_quality=quality),
+              "label": IntField(), "index": IntField()}
+    writer = DatasetWriter(str(partial), fields, page_size=_page_size(max_side),
+                           num_workers=workers)
+    writer.from_indexed_dataset(_Samples(images, set(bad)))
+
+    labels = Reader(str(partial)).metadata["f1"]
+    for i in np.flatnonzero(labels == BAD_LABEL).tolist():
+        if i not in bad:
+            bad[i] = _decode_problem(images.path(i))
+    if len(bad) > len(check.bad) and not skip_bad:
+        partial.unlink()
+        new = [f"  {images.path(i)}: {bad[i]}" for i in sorted(set(bad) - dict(check.bad).keys())]
+        raise ValueError(f"{len(new)} file(s) in {images.root} cannot be decoded:\n"
+                         + "\n".join(new[:5]) + "\nfix or remove them, or pass --skip-bad")
+    info = {"layout": LAYOUT, "version": LAYOUT_VERSION, "source": str(images.root.resolve()),
+            "fingerprint": images.fingerprint(), "classes": list(images.classes),
+            "samples": len(images), "max_side": max_side, "quality": quality,
+            "bad": [[i, images.files[i], bad[i]] for i in sorted(bad)]}
+    sidecar_path(out).write_text(json.dumps(info, indent=1))
+    partial.replace(out)
+    return info
+
+
+def convert_to_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE,
+                     quality: int = DEFAULT_QUALITY, skip_bad: bool = False,
+                     workers: int | None = None, force: bool = False,
+                     progress: bool = True) -> Path:
+    """`fastneg convert --to ffcv` in a child process (safe from any process); returns `out`.
+
+    Errors of the conversion come back as ValueError with the child's message.
+    """
+    cmd = [sys.executable, "-m", "fastneg.data.convert", "convert", "--to", "ffcv", str(src),
+           str(out), "--max-side", str(max_side), "--quality", str(quality)]
+    cmd += ["--skip-bad"] * skip_bad + ["--force"] * force
+    cmd += ["--workers", str(workers)] if workers else []
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                          text=True)
+    if done.returncode != 0:
+        # The child's own error line and what follows, without its progress bar.
+        detail = (done.stderr or "").rpartition("fastneg convert: error: ")[2].strip()
+        raise ValueError(f"conversion of {src} to {out} failed: "
+                         f"{detail or f'exit status {done.returncode}, see its stderr'}")
+    return Path(out)
+
+
+def register(sub) -> None:
+    c = sub.add_parser("convert", help="convert an ImageFolder for a loader (FFCV .beton)",
+                       description="Convert an ImageFolder to FFCV's .beton (plus OUT.json "
+                                   "sidecar) for `build_loader('ffcv', OUT)`. Images are stored "
+                                   "as JPEG, longer side at most --max-side.")
+    c.add_argument("--to", required=True, choices=["ffcv"], help="target format")
+    c.add_argument("src", help="ImageFolder root (ROOT/<class>/<image>)")
+    c.add_argument("out", help="output file, e.g. train.beton")
+    c.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+                   help=f"longest stored side in pixels (default {DEFAULT_MAX_SIDE})")
+    c.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
+                   help=f"JPEG quality of the stored images (default {DEFAULT_QUALITY})")
+    c.add_argument("--skip-bad", action="store_true",
+                   help="store unreadable files as placeholders that loaders skip, "
+                        "instead of stopping")
+    c.add_argument("--workers", type=int, default=None, help="processes (default: available cores)")
+    c.add_argument("--force", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=run)
+
+
+def run(args) -> None:
+    info = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality,
+                       skip_bad=args.skip_bad, workers=args.workers, force=args.force)
+    skipped = f", {len(info['bad'])} unreadable files stored as skipped" if info["bad"] else ""
+    print(f"wrote {args.out}: {info['samples']} images, {len(info['classes'])} classes{skipped}")
+
+
+def main(argv=None) -> int:
+    """The convert verb alone: the child process of convert_to_beton imports nothing else."""
+    parser = argparse.ArgumentParser(prog="fastneg")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (OSError, ValueError) as e:
+        print(f"fastneg convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

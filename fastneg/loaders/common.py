@@ -1,0 +1,327 @@
+"""What every backend shares, so that all three agree on files, order, shards and crops.
+
+- `LoaderConfig`: the checked arguments of build_loader.
+- `check_files`: the pre-flight check of every file (header and end of file, no decode), which
+  also gives the image sizes the crop boxes need before decoding.
+- `epoch_order` / `shard`: one permutation per (seed, epoch) from fastneg's RNG, cut per rank.
+- `crop_boxes` / `center_box`: the crop windows, from fastneg.kernels.crop.
+- `LoaderBase`: set_epoch, len, the skip count and its report at the end of each epoch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fastneg.data.imagefolder import ImageList, scan_image_folder
+from fastneg.kernels import crop, rng
+
+log = logging.getLogger("fastneg.loaders")
+
+# Content (not extension) the loaders read, with the colour modes that DALI, torchvision and
+# PIL (FFCV conversion) all decode to the same RGB pixels; checked on this machine for each.
+# MPO is PIL's name for a JPEG with extra (multi-picture) data after the first image.
+SUPPORTED_MODES = {
+    "JPEG": ("L", "RGB", "CMYK"),
+    "MPO": ("L", "RGB", "CMYK"),
+    "PNG": ("1", "L", "LA", "P", "RGB", "RGBA"),
+}
+JPEG_EOI = b"\xff\xd9"
+PNG_IEND = b"IEND\xaeB`\x82"
+TAIL_BYTES = 1024          # the JPEG end marker must lie within the file's last KiB
+EVAL_CROP_FRACTION = 0.875  # eval: resize the shorter side to size / 0.875, centre crop size
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (respects taskset / container CPU sets, unlike cpu_count)."""
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """build_loader's keyword arguments, checked once; every backend reads them from here."""
+    batch_size: int
+    views: int = 2
+    size: int = 224
+    scale: tuple[float, float] | None = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    device: torch.device = torch.device("cpu")
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    workers: int | None = None
+    drop_last: bool = True
+    shuffle: bool = True
+    skip_bad: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_size", "views", "size", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ValueError(f"workers must be None or an integer >= 0, got {self.workers!r}")
+        if self.scale is None:
+            if self.views != 1:
+                raise ValueError("scale=None (resize + centre crop, for evaluation) needs views=1, "
+                                 f"got views={self.views}")
+        elif not (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1 or None, "
+                             f"got {self.scale!r}")
+        if not (len(self.ratio) == 2 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"ratio must be (lo, hi) with 0 < lo <= hi, got {self.ratio!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:n]', got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but torch sees no CUDA GPU on this machine")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "workers", available_cpus() if self.workers is None
+                           else self.workers)
+
+
+# ----------------------------------------------------------------- pre-flight file check
+
+@dataclass(frozen=True)
+class FileCheck:
+    """Result of check_files: sizes and content of every file, and the ones no loader can read."""
+    images: ImageList
+    heights: np.ndarray            # int64 [N], 0 for a bad file
+    widths: np.ndarray             # int64 [N], 0 for a bad file
+    jpeg_rgb: np.ndarray           # bool [N]: JPEG in L or RGB (what nvJPEG decodes on a GPU)
+    bad: tuple[tuple[int, str], ...]   # (dataset index, reason), in index order
+
+    @property
+    def good(self) -> np.ndarray:
+        """Dataset indices of the readable files, ascending."""
+        keep = np.ones(len(self.images), bool)
+        keep[[i for i, _ in self.bad]] = False
+        return np.flatnonzero(keep).astype(np.int64)
+
+    @property
+    def bad_files(self) -> tuple[tuple[str, str], ...]:
+        """(path, reason) of each file no loader can read."""
+        return tuple((str(self.images.path(i)), why) for i, why in self.bad)
+
+    def describe_bad(self, limit: int = 5) -> str:
+        lines = [f"  {self.images.path(i)}: {why}" for i, why in self.bad[:limit]]
+        if len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit} more")
+        return "\n".join(lines)
+
+
+def inspect_file(path) -> tuple[str | None, int, int, str]:
+    """(problem or None, height, width, content) of one file, from its header and last bytes."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                with Image.open(f) as im:
+                    fmt, mode, (w, h) = im.format, im.mode, im.size
+            except UnidentifiedImageError:
+                f.seek(0, os.SEEK_END)
+                if f.tell() == 0:
+                    return "empty file", 0, 0, ""
+                return "not an image (content not recognised)", 0, 0, ""
+            except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for broken headers
+                return f"broken image header ({e})", 0, 0, ""
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - TAIL_BYTES))
+            tail = f.read()
+    except OSError as e:
+        return f"cannot read ({e.strerror or e})", 0, 0, ""
+    if fmt not in SUPPORTED_MODES:
+        return (f"{fmt} content; the loaders read JPEG and PNG (by content, whatever the "
+                "extension): convert this file"), 0, 0, ""
+    if mode not in SUPPORTED_MODES[fmt]:
+        return f"{fmt} in colour mode {mode}, which the decoders do not agree on", 0, 0, ""
+    if fmt == "PNG" and not tail.endswith(PNG_IEND):
+        return "truncated PNG (no IEND chunk at the end)", 0, 0, ""
+    if fmt != "PNG" and JPEG_EOI not in tail:
+        return "truncated JPEG (no end-of-image marker)", 0, 0, ""
+    if h < 1 or w < 1:
+        return f"image of size {w}x{h}", 0, 0, ""
+    return None, h, w, f"{fmt}/{mode}"
+
+
+def check_files(images: ImageList, workers: int) -> FileCheck:
+    """Inspect every file (header + last KiB, no decode): cheap enough to run at every start."""
+    paths = [images.path(i) for i in range(len(images))]
+    with ThreadPoolExecutor(max(1, workers)) as pool:   # threads: mostly waiting on file reads
+        results = list(pool.map(inspect_file, paths, chunksize=256))
+    heights = np.array([r[1] for r in results], np.int64)
+    widths = np.array([r[2] for r in results], np.int64)
+    jpeg_rgb = np.array([r[3] in ("JPEG/L", "JPEG/RGB") for r in results], bool)
+    bad = tuple((i, r[0]) for i, r in enumerate(results) if r[0] is not None)
+    return FileCheck(images, heights, widths, jpeg_rgb, bad)
+
+
+def checked_image_folder(root, cfg: LoaderConfig) -> FileCheck:
+    """List and check an ImageFolder: clear errors for a missing/empty root or class folder and,
+    unless cfg.skip_bad, for any file no loader can read."""
+    check = check_files(scan_image_folder(root), cfg.workers)
+    require_readable(check, cfg.skip_bad)
+    return check
+
+
+def require_readable(check: FileCheck, skip_bad: bool) -> None:
+    """Stop before training with every bad file named, unless the caller asked to skip them."""
+    if check.bad and not skip_bad:
+        raise ValueError(f"{len(check.bad)} of {len(check.images)} files in {check.images.root} "
+                         f"cannot be loaded:\n{check.describe_bad()}\n"
+                         "fix or remove them, or leave them out with skip_bad=True "
+                         "(`fastneg convert --skip-bad` for FFCV)")
+    if len(check.bad) == len(check.images):
+        raise ValueError(f"no readable image in {check.images.root}:\n{check.describe_bad()}")
+
+
+# ----------------------------------------------------------------- order and shards
+
+@numba.njit(cache=False)
+def _shuffle_keys(seed, epoch, indices, slot, out):
+    for k in range(indices.shape[0]):
+        out[k] = rng.mix_cpu(seed, epoch, indices[k], slot)
+
+
+def epoch_order(indices: np.ndarray, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's order of `indices`: sorted by an RNG key of (seed, epoch, index), or as given.
+
+    A function of (seed, epoch, the index set) only, so every rank and backend computes the same.
+    """
+    indices = np.ascontiguousarray(indices, np.int64)
+    if not shuffle:
+        return indices
+    keys = np.empty(indices.shape[0], np.uint32)
+    _shuffle_keys(seed, epoch, indices, rng.slot(rng.STREAM_SHUFFLE, 0), keys)
+    return indices[np.argsort(keys, kind="stable")]
+
+
+def shard(order: np.ndarray, rank: int, world_size: int, batch_size: int,
+          drop_last: bool) -> np.ndarray:
+    """This rank's samples, in order: every world_size-th, from `rank`.
+
+    drop_last=True: every rank gets the same number of full batches (the rest of the epoch is
+    left out). drop_last=False: every sample exactly once across ranks; shard lengths differ by at
+    most one, so near a batch boundary one rank may get one more (partial) batch.
+    """
+    mine = order[rank::world_size]
+    if drop_last:
+        full = (len(order) // world_size) // batch_size * batch_size
+        mine = mine[:full]
+    return np.ascontiguousarray(mine)    # DALI's external source takes dense batches only
+
+
+# ----------------------------------------------------------------- crop windows
+
+def center_box(h, w, size):
+    """(top, left, height, width): the square Resize(size / 0.875) + CenterCrop(size) keeps."""
+    short = min(h, w)
+    resized_short = int(size / EVAL_CROP_FRACTION)
+    side = max(1, min(short, int(math.floor(short * size / resized_short + 0.5))))
+    return (h - side) // 2, (w - side) // 2, side, side
+
+
+center_box_cpu = numba.njit(inline="always")(center_box)
+
+
+def view_slot(view: int) -> int:
+    """First RNG slot of view `view`'s crop: the views of one sample draw disjoint boxes."""
+    return rng.slot(rng.STREAM_CROP, view * crop.SLOTS_PER_BOX)
+
+
+def crop_boxes(cfg: LoaderConfig, epoch: int, indices, heights, widths, view: int) -> np.ndarray:
+    """int64 [N, 4] (top, left, height, width): view `view` of samples `indices` in `epoch`.
+
+    The box of a sample depends on (seed, epoch, dataset index, view, image size) only.
+    """
+    if cfg.scale is None:
+        return np.array([center_box(int(h), int(w), cfg.size) for h, w in zip(heights, widths)],
+                        np.int64).reshape(-1, 4)
+    return crop.rrc_boxes(cfg.seed, epoch, indices, heights, widths, scale=cfg.scale,
+                          ratio=cfg.ratio, slot0=view_slot(view))
+
+
+# ----------------------------------------------------------------- loader plumbing
+
+class LoaderBase:
+    """The part of a Loader that does not depend on the backend.
+
+    The epoch changes only through set_epoch (as with torch's DistributedSampler), so iterating
+    twice without it repeats the same batches. Subclasses implement `_batches(epoch, samples)`,
+    which yields Batch objects for this rank's `samples` in order.
+
+    Skipped files: those the pre-flight check rejects never enter an epoch. A file that passes it
+    but fails to decode (possible on the DALI and torch backends, which decode at run time) stays
+    in the order, so that every rank keeps the same shards and batch count, and is dropped from
+    its batch each epoch (one sample fewer) when skip_bad, else it stops the epoch naming itself.
+    """
+    kind = ""
+
+    def __init__(self, cfg: LoaderConfig, good: np.ndarray, bad: tuple[tuple[str, str], ...],
+                 classes: tuple[str, ...]):
+        self.cfg = cfg
+        self.classes = classes
+        self.bad_files: list[tuple[str, str]] = list(bad)   # (file, reason), as found
+        self.epoch = 0
+        self._good = good
+        n = len(shard(good, cfg.rank, cfg.world_size, cfg.batch_size, cfg.drop_last))
+        self._len = n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size)
+        if self._len == 0:
+            raise ValueError(f"{len(good)} images give rank {cfg.rank} of {cfg.world_size} no "
+                             f"{'full ' if cfg.drop_last else ''}batch of {cfg.batch_size}: use "
+                             "a smaller batch_size" + (" or drop_last=False" if cfg.drop_last
+                                                       else ""))
+
+    @property
+    def skipped(self) -> int:
+        """How many files this loader has left out (pre-flight, plus decode failures so far)."""
+        return len(self.bad_files)
+
+    def set_epoch(self, epoch: int) -> None:
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def samples(self, epoch: int) -> np.ndarray:
+        """This rank's dataset indices for `epoch`, in the order they are yielded."""
+        cfg = self.cfg
+        order = epoch_order(self._good, cfg.seed, epoch, cfg.shuffle)
+        return shard(order, cfg.rank, cfg.world_size, cfg.batch_size, cfg.drop_last)
+
+    def skip_or_raise(self, failures: list[tuple[str, str]]) -> None:
+        """Decode failures of one batch: counted when skip_bad, else an error naming them."""
+        if not self.cfg.skip_bad:
+            listed = "\n".join(f"  {f}: {why}" for f, why in failures)
+            raise RuntimeError(f"{self.kind} loader: file(s) that passed the pre-flight check "
+                               f"failed to decode:\n{listed}\nfix or remove them, or pass "
+                               "skip_bad=True")
+        self.bad_files += [f for f in failures if f not in self.bad_files]
+
+    def __iter__(self):
+        epoch = self.epoch
+        yield from self._batches(epoch, self.samples(epoch))
+        if self.bad_files:
+            first = "; ".join(f"{f}: {why}" for f, why in self.bad_files[:3])
+            log.warning("%s loader, epoch %d: skipped %d unreadable file(s) (%s%s)", self.kind,
+                        epoch, self.skipped, first, " ..." if self.skipped > 3 else "")
+
+    def _batches(self, epoch: int, samples: np.ndarray):
+        raise NotImplementedError

@@ -1,0 +1,217 @@
+"""The FFCV backend: reads a .beton written by `fastneg convert --to ffcv` (fastneg.data.convert).
+
+One compiled stage does everything per batch, on FFCV's CPU threads: decode each JPEG once
+(libjpeg-turbo) into a scratch buffer, then for each view crop the fastneg window (the same
+kernels.crop box as the other backends, for the stored image size) and resize it with OpenCV's
+INTER_AREA into a view-major [views, N, size, size, 3] buffer, so each view is contiguous. The
+whole pipeline is compiled (no compiled -> Python -> compiled alternation, which hangs FFCV's
+Loader, upstream #396); labels and indices come from the beton's fields.
+
+The epoch's order and shard come from loaders.common and are handed to FFCV's epoch iterator
+directly; FFCV's own traversal orders (and their RANDOM/distributed sampler) are not used.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader as FfcvLoader
+from ffcv.loader import OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline import PipelineSpec
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.operation import Operation
+from ffcv.reader import Reader
+from ffcv.types import CURRENT_VERSION, HeaderType
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from fastneg.data import convert
+from fastneg.kernels.crop import rrc_box_cpu
+from fastneg.loaders import Batch
+from fastneg.loaders.common import LoaderBase, LoaderConfig, center_box_cpu, view_slot
+
+
+@intrinsic
+def _load_int64(typingctx, address):
+    """The int64 stored at `address`, read when the compiled code runs."""
+    def codegen(context, builder, signature, args):
+        return builder.load(builder.inttoptr(args[0], ir.PointerType(ir.IntType(64))))
+    return types.int64(types.intp), codegen
+
+
+class DecodeOnceCrops(Operation):
+    """FFCV decoder: one decode per image, `views` resized crops of it, view-major output.
+
+    FFCV compiles this stage once per Loader and passes it only batch indices; the epoch, which
+    the crop boxes depend on, is read at run time from `epoch_cell` (a one-element int64 array
+    owned by the Loader) through its address, so set_epoch needs no recompilation.
+    """
+
+    def __init__(self, cfg: LoaderConfig, epoch_cell: np.ndarray):
+        super().__init__()
+        self.cfg, self.epoch_cell = cfg, epoch_cell
+
+    def declare_state_and_memory(self, previous_state):
+        shape = (self.cfg.views, self.cfg.size, self.cfg.size, 3)
+        # A decode buffer per sample for the largest stored image, as FFCV's own decoders do.
+        scratch = int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3
+        u8 = np.dtype("u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+                (AllocationQuery(shape, u8), AllocationQuery((scratch,), u8)))
+
+    def generate_code(self):
+        cfg = self.cfg
+        mem_read, sample_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        n_views, size, seed = cfg.views, cfg.size, cfg.seed
+        center = cfg.scale is None
+        scale_lo, scale_hi = (0.0, 0.0) if center else cfg.scale
+        logr_lo, logr_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+        slot0 = view_slot(0)
+        slots_per_view = view_slot(1) - slot0
+        epoch_address = self.epoch_cell.ctypes.data
+
+        def decode(batch_indices, buffers, metadata, storage_state):
+            destination, scratch = buffers
+            n = len(batch_indices)
+            epoch = _load_int64(epoch_address)
+            # The slot's [n, views, ...] memory, read as [views, n, ...]: contiguous views.
+            out = destination.reshape(-1)[:n_views * n * size * size * 3].reshape(
+                (n_views, n, size, size, 3))
+            for k in sample_range(n):
+                sample = np.int64(batch_indices[k])
+                field = metadata[sample]
+                h, w = np.int64(field["height"]), np.int64(field["width"])
+                pixels = scratch[k][:h * w * 3].reshape((h, w, 3))
+                imdecode_c(mem_read(field["data_ptr"], storage_state), pixels,
+                           h, w, h, w, 0, 0, 1, 1, False, False)
+                for v in range(n_views):
+                    if center:
+                        top, left, ch, cw = center_box_cpu(h, w, size)
+                    else:
+                        top, left, ch, cw = rrc_box_cpu(seed, epoch, sample,
+                                                        slot0 + v * slots_per_view, h, w,
+                                                        scale_lo, scale_hi, logr_lo, logr_hi)
+                    resize_crop_c(pixels, top, top + ch, left, left + cw, out[v, k])
+            return out
+
+        decode.is_parallel = True
+        return decode
+
+
+class _ReportingEpochIterator(EpochIterator):
+    """FFCV's epoch iterator, except that an error in its thread reaches the consumer.
+
+    Upstream, an exception in the loading thread (a compile error, a bad sample) kills the
+    thread and leaves the consumer waiting on the queue forever.
+    """
+
+    error: BaseException | None = None
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as e:   # noqa: BLE001 - handed to the consumer, re-raised there
+            self.error = e
+            self.output_queue.put(None)
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except StopIteration:
+            if self.error is not None:
+                raise RuntimeError(f"FFCV's loading thread failed: {self.error!r}") from self.error
+            raise
+
+
+def read_beton_info(path: Path) -> dict:
+    """Check that `path` is a .beton of fastneg's layout and return its sidecar."""
+    if not path.is_file():
+        raise FileNotFoundError(f"FFCV dataset {path} does not exist (write one with "
+                                "`fastneg convert --to ffcv DIR OUT.beton`)")
+    header = np.fromfile(path, dtype=HeaderType, count=1)
+    if len(header) == 0:
+        raise ValueError(f"{path} is not a .beton (shorter than FFCV's header)")
+    if header[0]["version"] != CURRENT_VERSION:
+        raise ValueError(f"{path} has FFCV format version {header[0]['version']}, this FFCV "
+                         f"reads version {CURRENT_VERSION}: convert the dataset again")
+    try:
+        reader = Reader(str(path))
+    except Exception as e:   # noqa: BLE001 - FFCV fails in many ways on a foreign file
+        raise ValueError(f"{path} is not a readable .beton ({e!r})") from e
+    if tuple(reader.field_names) != convert.FIELDS:
+        raise ValueError(f"{path} has fields {reader.field_names}, fastneg's layout is "
+                         f"{list(convert.FIELDS)}: convert it with `fastneg convert --to ffcv`")
+    sidecar = convert.sidecar_path(path)
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{sidecar}, written next to {path.name} by `fastneg convert`, is "
+                         f"missing or unreadable ({e})") from e
+    if (info.get("layout"), info.get("version")) != (convert.LAYOUT, convert.LAYOUT_VERSION):
+        raise ValueError(f"{path} has layout {info.get('layout')!r} version "
+                         f"{info.get('version')!r}; this fastneg reads {convert.LAYOUT!r} "
+                         f"version {convert.LAYOUT_VERSION}: convert the dataset again")
+    labels, indices = reader.metadata["f1"], reader.metadata["f2"]
+    if info.get("samples") != reader.num_samples or not np.array_equal(
+            indices, np.arange(reader.num_samples)):
+        raise ValueError(f"{path} does not match its sidecar {sidecar.name} "
+                         "(sample count or index field): convert the dataset again")
+    if not (reader.metadata["f0"]["mode"] == IMAGE_MODES["jpg"]).all():
+        raise ValueError(f"{path} stores images other than as JPEG, which fastneg convert "
+                         "never does: convert the dataset again")
+    bad_in_file = set(np.flatnonzero(labels == convert.BAD_LABEL).tolist())
+    if bad_in_file != {i for i, _, _ in info["bad"]}:
+        raise ValueError(f"{path} and {sidecar.name} disagree on the unreadable samples: "
+                         "convert the dataset again")
+    info["labels"] = labels
+    return info
+
+
+class Loader(LoaderBase):
+    kind = "ffcv"
+
+    def __init__(self, data, cfg: LoaderConfig):
+        path = Path(data)
+        info = read_beton_info(path)
+        bad = tuple((str(Path(info["source"]) / f), why) for _, f, why in info["bad"])
+        if bad and not cfg.skip_bad:
+            listed = "\n".join(f"  {f}: {why}" for f, why in bad[:5])
+            raise ValueError(f"{path} holds {len(bad)} unreadable files (stored as skipped by "
+                             f"`fastneg convert --skip-bad`):\n{listed}\npass skip_bad=True to "
+                             "train without them")
+        good = np.flatnonzero(info["labels"] != convert.BAD_LABEL).astype(np.int64)
+        super().__init__(cfg, good, bad, tuple(info["classes"]))
+        self._epoch_cell = np.zeros(1, np.int64)
+        self._ffcv = FfcvLoader(
+            str(path), batch_size=cfg.batch_size, num_workers=max(1, cfg.workers),
+            order=OrderOption.SEQUENTIAL, drop_last=False,
+            pipelines={"image": PipelineSpec("image", decoder=DecodeOnceCrops(cfg,
+                                                                              self._epoch_cell)),
+                       "label": [IntDecoder()], "index": [IntDecoder()]})
+
+    def _batches(self, epoch, samples):
+        self._epoch_cell[0] = epoch
+        dev = self.cfg.device
+        # FFCV reuses an output slot a few batches later: on the CPU a copy keeps a Batch valid
+        # as long as the caller holds it (the GPU copy does that on a GPU).
+        move = (lambda t: t.to(dev, non_blocking=True)) if dev.type == "cuda" else torch.clone
+        iterator = _ReportingEpochIterator(self._ffcv, samples.astype(np.uint64))
+        try:
+            for views, labels, indices in iterator:
+                views = torch.from_numpy(views)
+                yield Batch(tuple(move(views[v]) for v in range(views.shape[0])),
+                            move(torch.from_numpy(labels[:, 0])),
+                            move(torch.from_numpy(indices[:, 0])))
+        finally:
+            iterator.close()
