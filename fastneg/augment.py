@@ -10,6 +10,10 @@ aug-plus does to the pixels, per sample and for the whole batch at once:
     Gaussian blur (p 0.5, sigma ~ U[0.1, 2.0], odd kernel ~10% of the side, separable, reflect)
     normalize (ImageNet mean/std) -> [N, 3, H, W], channels_last memory
 
+Two implementations of the same formulas: on CPU tensors one fused Numba kernel
+(fastneg.augment_cpu, every op of a sample in at most three passes over its pixels); on other
+devices batched torch ops (below), which are also the reference the CPU kernel is tested against.
+
     aug = MoCoV2Augment()
     params = aug.sample(n, seed=seed, step=step, view=0, device=x.device)   # the draws, as tensors
     q = aug.apply(x, params)        # [N, 3, H, W]; the query's texture NS: aug.apply(tex, params)
@@ -24,10 +28,11 @@ valid range after every jitter op, as torchvision does), computed in float32 wit
 uint8 rounding that torchvision applies between ops on uint8 images; the difference is below
 one grey level per op. Pixels stay on the 0..255 scale throughout (every op is scale-invariant
 apart from its clamp bound), so the uint8->float step is a bare copy and 1/255 folds into the
-normalization. Samples without jitter still pass the batch's hue pass with a zero shift, which
-is the identity up to float rounding (~1e-6 of the range). On CUDA the blur is a cuDNN
-convolution and follows torch.backends.cudnn.allow_tf32 (on by default in PyTorch: TF32 rounds
-to ~5e-4 relative, a tenth of a grey level).
+normalization. In the torch path, samples without jitter still pass the batch's hue pass with a
+zero shift, which is the identity up to float rounding (~1e-6 of the range); the CPU kernel skips
+ops at their identity. On CUDA the blur is a cuDNN convolution and follows
+torch.backends.cudnn.allow_tf32 (on by default in PyTorch: TF32 rounds to ~5e-4 relative, a
+tenth of a grey level).
 """
 from __future__ import annotations
 
@@ -56,8 +61,8 @@ _COLUMNS = 13
 SLOTS_PER_VIEW = 16                      # room for a few more draws without moving other views
 MAX_VIEWS = (1 << rng.SLOT_BITS) // SLOTS_PER_VIEW
 
-# On CPU, work on chunks of about this many bytes of float32 pixels: a 256-image batch is far
-# larger than the caches, and every eager op would stream it from RAM (measured ~10x slower).
+# The torch path on CPU works on chunks of about this many bytes of float32 pixels: a 256-image
+# batch is far larger than the caches, and every eager op would stream it from RAM (~10x slower).
 CPU_CHUNK_BYTES = 4 << 20
 
 
@@ -173,6 +178,7 @@ class MoCoV2Augment:
         self._lo = np.array([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h, lo_sigma])
         self._hi = np.array([1 + b, 1 + c, 1 + s, h, hi_sigma])
         self._constants = {}
+        self._luma = np.array(LUMA, np.float32)
 
     def __repr__(self):
         return (f"MoCoV2Augment(flip_p={self.flip_p}, jitter={self.jitter}, "
@@ -211,13 +217,50 @@ class MoCoV2Augment:
     def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
         """uint8 [N, H, W, 3] (any device) -> normalized [N, 3, H, W], channels_last, self.dtype.
 
-        Never reads a tensor's values on the host, so on CUDA it queues work without syncing.
+        CPU tensors go through one fused Numba kernel (fastneg.augment_cpu; the first call in a
+        process loads or compiles it); other devices through batched torch ops, which never read
+        a tensor's values on the host, so on CUDA they queue work without syncing.
         """
-        n, h, w = _check_images(x)
+        if x.device.type != "cpu":
+            return self._apply_torch(x, params)
+        return self._apply_fused_cpu(x, self._checked(x, params))
+
+    def _checked(self, x, params) -> AugParams:
+        n, _, _ = _check_images(x)
         if len(params) != n:
             raise ValueError(f"params hold {len(params)} samples, the batch has {n}")
         if params.device != x.device:
             params = params.to(x.device, non_blocking=True)
+        return params
+
+    def _apply_fused_cpu(self, x, p):
+        """apply() on CPU tensors: pack the draws, one call of fastneg.augment_cpu's kernel."""
+        from fastneg import augment_cpu    # imports this module: import it once both exist
+        n, h, w, _ = x.shape
+        # the torch path skips an op whose probability is 0 whatever the draws say: so does this
+        flags = torch.stack([p.flip & (self.flip_p > 0), p.jitter_on & (self.jitter_p > 0),
+                             p.gray & (self.gray_p > 0), p.blur_on & (self.blur_p > 0)], 1)
+        hue = p.hue if self.jitter[3] > 0 else torch.zeros_like(p.hue)
+        factors = torch.stack([p.brightness, p.contrast, p.saturation, hue], 1).float()
+        kernel_x = _gaussian_kernels(p.sigma.float(), blur_kernel_size(w))
+        kernel_y = _gaussian_kernels(p.sigma.float(), blur_kernel_size(h))
+        scale, shift = (t.view(3).numpy() for t in self._normalization(x.device))
+        # numpy asks the kernel for transparent huge pages on large arrays, torch.empty does not:
+        # first-touch page faults on the fresh output cost ~2x less (measured, 224 px batches)
+        out = np.empty((n, h, w, 3), np.float32)
+        scratch = np.empty((numba.get_num_threads(), h, 3, w), np.float32)   # one image/thread
+        augment_cpu.fused_aug_plus(
+            x.contiguous().numpy(), flags.to(torch.uint8).numpy(), factors.numpy(),
+            p.order.to(torch.int64).contiguous().numpy(), kernel_x.numpy(), kernel_y.numpy(),
+            self._luma, scale, shift, scratch, out)
+        out = torch.from_numpy(out).permute(0, 3, 1, 2)      # NCHW view, channels_last memory
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def _apply_torch(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
+        """apply() as batched torch ops on any device: the CUDA path, and the reference the
+        fused CPU kernel is tested against."""
+        params = self._checked(x, params)
+        n, h, w, _ = x.shape
         out = torch.empty((n, 3, h, w), dtype=self.dtype, device=x.device,
                           memory_format=torch.channels_last)
         chunk = max(1, n if x.device.type != "cpu" else CPU_CHUNK_BYTES // (12 * h * w))

@@ -1,6 +1,11 @@
-"""fastneg.augment against torchvision.transforms.v2, its draws, determinism and input checks."""
+"""fastneg.augment against torchvision.transforms.v2, its fused CPU kernel against its torch path,
+its draws, determinism and input checks."""
+import importlib.util
+import json
 import math
+from pathlib import Path
 
+import numba
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -126,16 +131,80 @@ def test_whole_pipeline_matches_torchvision_per_sample():
     torch.testing.assert_close(y, torchvision_reference(x, p), atol=2e-4, rtol=0)
 
 
-def test_output_layout_dtype_and_chunking(images, monkeypatch):
+def mixed_images(n, h, w):
+    """Random pixels plus the edge cases of the formulas: a grey row (no hue), a row where red
+    and green tie for the maximum, a row of pure colours (0 and 255: clamps, sector borders)."""
+    x = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    x[:, 0] = x[:, 0, :, :1]
+    x[:, h // 2, :, 1] = x[:, h // 2, :, 0].clamp(min=x[:, h // 2, :, 2])
+    x[:, -1] = torch.tensor([[255, 0, 0], [0, 255, 255], [255, 255, 0]],
+                            dtype=torch.uint8).repeat(w, 1)[:w]
+    return x
+
+
+@pytest.mark.parametrize("h, w, jitter", [
+    (37, 50, (0.4, 0.4, 0.4, 0.1)),     # odd sizes, the MoCo-v2 ranges
+    (37, 50, (0.9, 0.9, 0.9, 0.5)),     # wide ranges: clamps everywhere, hue all the way round
+    (2, 3, (0.4, 0.4, 0.4, 0.1)),       # the smallest image: blur radius 1, reflect at once
+])
+def test_fused_cpu_kernel_equals_torch_path(h, w, jitter):
+    """apply() on CPU (one Numba kernel) against the batched torch ops, the same draws."""
+    n = 48
+    aug = MoCoV2Augment(jitter=jitter)
+    p = aug.sample(n, seed=11, step=2)
+    for flags in (p.flip, p.jitter_on, p.gray, p.blur_on):
+        assert 0 < int(flags.sum()) < n             # the batch mixes applied and skipped
+    assert len({tuple(o) for o in p.order.tolist()}) > 10
+    # contrast (the op that needs a pass of its own) at every position, after other ops or not
+    contrast_at = (p.order == augment.CONTRAST).long().argmax(1)
+    assert set(contrast_at[p.jitter_on].tolist()) == {0, 1, 2, 3}
+    x = mixed_images(n, h, w + 1)[:, :, 1:]        # a strided view, as a crop might hand over
+    assert not x.is_contiguous()
+    fused, reference = aug.apply(x, p), aug._apply_torch(x, p)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused, reference, atol=1e-4, rtol=0)
+
+
+def test_fused_cpu_kernel_skips_ops_as_the_torch_path_does(images):
+    """An op with probability 0 (or hue strength 0) is off whatever the draws say."""
+    p = MoCoV2Augment(jitter_p=1.0, gray_p=0.5, blur_p=0.5).sample(N, seed=1, step=0)
+    assert p.jitter_on.all() and p.flip.any() and p.gray.any() and p.blur_on.any()
+    for aug in (MoCoV2Augment(flip_p=0, jitter_p=0, gray_p=0, blur_p=0),
+                MoCoV2Augment(jitter=(0.4, 0.4, 0.4, 0.0))):
+        torch.testing.assert_close(aug.apply(images, p), aug._apply_torch(images, p),
+                                   atol=1e-4, rtol=0)
+    plain = (chw(images) / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(MoCoV2Augment(flip_p=0, jitter_p=0, gray_p=0, blur_p=0)
+                               .apply(images, p), plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["apply", "_apply_torch"])
+def test_output_layout_and_dtype(images, path):
     p = MoCoV2Augment().sample(N, seed=0, step=0)
-    whole = MoCoV2Augment().apply(images, p)
+    whole = getattr(MoCoV2Augment(), path)(images, p)
     assert whole.shape == (N, 3, H, W) and whole.dtype == torch.float32
     assert whole.is_contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", 1)          # one image per chunk
-    assert torch.equal(MoCoV2Augment().apply(images, p), whole)
-    half = MoCoV2Augment(dtype=torch.bfloat16).apply(images, p)
-    assert half.dtype == torch.bfloat16
+    half = getattr(MoCoV2Augment(dtype=torch.bfloat16), path)(images, p)
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(half.float(), whole, atol=0.02, rtol=0.01)
+
+
+def test_torch_path_chunks_and_fused_threads_do_not_change_the_result(images, monkeypatch):
+    aug = MoCoV2Augment()
+    p = aug.sample(N, seed=0, step=0)
+    whole = aug._apply_torch(images, p)
+    monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", 1)          # one image per chunk
+    assert torch.equal(aug._apply_torch(images, p), whole)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = aug.apply(images, p)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        assert torch.equal(aug.apply(images, p), one)           # each sample on one thread
+    finally:
+        numba.set_num_threads(threads)
 
 
 def test_blur_of_chosen_rows_equals_identity_kernel_path(images):
@@ -230,3 +299,27 @@ def test_cuda_matches_cpu(images):
     half = MoCoV2Augment(dtype=torch.bfloat16).apply(images.cuda(),
                                                      aug.sample(N, seed=2, step=1, device="cuda"))
     torch.testing.assert_close(half.float().cpu(), cpu, atol=0.02, rtol=0.01)
+
+
+def test_benchmark_reports_both_paths_per_thread_count(tmp_path):
+    """benchmarks/augment.py smoke run: every side timed at every thread count, in its JSON."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "augment.py"
+    spec = importlib.util.spec_from_file_location("bench_augment", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "augment.json"
+    threads = torch.get_num_threads(), numba.get_num_threads()
+    most = numba.config.NUMBA_NUM_THREADS
+    try:                                  # main() sets both libraries' thread counts
+        assert bench.main(["--batch", "3", "--size", "16", "--repeats", "1",
+                           "--baseline-images", "2", "--threads", f"1,{most}", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads[0])
+        numba.set_num_threads(threads[1])
+    result = json.loads(out.read_text())
+    assert [r["threads"] for r in result["runs"]] == [1, most]
+    for run in result["runs"]:
+        for side in ("fused", "torch", "torchvision"):
+            assert run[f"{side}_ms_per_img"] > 0 and run[f"{side}_cpu_ms_per_img"] > 0
+        assert run["speedup_fused_vs_torch"] == pytest.approx(
+            run["torch_ms_per_img"] / run["fused_ms_per_img"])
