@@ -1,0 +1,570 @@
+"""Throughput of the fastneg data path against the pipeline users of the published code run.
+
+    python benchmarks/throughput.py          # all loaders x negatives, < 3 min on 2 CPU cores
+    python benchmarks/throughput.py --loaders torch --negatives patch --json out.json --plot out.png
+
+One row = one (loader, negatives) pair, measured in a fresh child process (so peak RSS is the
+row's own, a crashing or hanging backend cannot take the others down, and FFCV/DALI state never
+leaks between rows). A row produces *finished training batches*: the loader's two uint8 crops,
+MoCo-v2 aug-plus on both (fastneg.augment), and the negatives, all on the device and ready for
+the model:
+
+    none      q, k
+    patch     q, k, patch NS of the augmented query (fastneg.kernels.patch_negatives)
+    texture   q, k, texture NS: sample_textures from a bank + the query's augmentation draws
+
+Per row: img/s (source images per second) and batches/s over `--batches` batches after
+`--warmup` batches (pipeline build, JIT compiles and the warm-up batches are timed apart, as
+warmup_s); CPU-seconds per 1,000 images (user + system time of the child's whole live process
+tree, worker processes included, over the measured batches); peak RSS (the largest sum of RSS
+over that tree, sampled every 50 ms: pages shared by forked workers count once per process) and
+the tree's PSS at the end of the measured batches (shared pages split between processes, so
+the fair figure when comparing multi-process loaders with in-process ones).
+
+The baseline, loader "published" (benchmarks/published_baseline.py), is measured in the same run
+for every requested negatives kind, and every row reports img/s as a ratio to the baseline row
+with the same negatives.
+
+Texture bank: the first images of the dataset resized to the training size (the cost of sampling
+and augmenting texture NS does not depend on what the pixels show); the baseline reads the same
+images as JPEG files, one per sample, as the published code reads its texture files.
+
+Default data: data/imagenet-like/train in the checkout, ~500x375 JPEG q90 images made once with
+the equivalent of `fastneg make-data --imagenet-like`. A loader that cannot run here (a missing
+package, no GPU decoder, a failed .beton conversion) is reported as unavailable, with the reason.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+LOADERS = ("dali", "ffcv", "torch")
+NEGATIVES = ("none", "patch", "texture")
+BASELINE = "published"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO / "data" / "imagenet-like"
+# 64 images per class x 10 classes = 640 training images: one epoch covers the default
+# 2 warm-up + 8 measured batches of 64, so no row's timing includes an epoch boundary.
+DEFAULT_IMAGES_PER_CLASS = 64
+TEXTURE_BANK_SIZE = 64
+PAPER_SIZE = 224
+PAPER_PATCH_RANGE = (16, 72)
+RSS_SAMPLE_S = 0.05
+RECORD_KEYS = ("loader", "negatives", "device", "img_per_s", "cpu_s_per_1k", "peak_rss_mb",
+               "ratio_vs_baseline")
+
+
+def patch_range_for(size: int) -> tuple[int, int]:
+    """The paper's patch range (16..72 at 224 px), scaled to another training size."""
+    lo = max(1, round(PAPER_PATCH_RANGE[0] * size / PAPER_SIZE))
+    hi = max(lo, min(size - 1, round(PAPER_PATCH_RANGE[1] * size / PAPER_SIZE)))
+    return lo, hi
+
+
+# ---------------------------------------------------------------- measuring a process tree
+
+class ProcessTree:
+    """CPU time and peak RSS of this process and every live descendant.
+
+    CPU: user + system of each live process, plus the children_* times of each (its reaped
+    children), so a worker's time is neither lost when it exits nor counted twice.
+    """
+
+    def __init__(self):
+        import psutil
+        self._psutil = psutil
+        self.root = psutil.Process()
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_rss, daemon=True)
+        self._thread.start()
+
+    def _members(self):
+        return [self.root] + self.root.children(recursive=True)
+
+    def _sum(self, read) -> float:
+        total = 0.0
+        for p in self._members():
+            try:
+                total += read(p)
+            except (self._psutil.NoSuchProcess, self._psutil.ZombieProcess):
+                pass   # exited between listing and reading: its time is in its parent's children_*
+        return total
+
+    def cpu_seconds(self) -> float:
+        def times(p):
+            t = p.cpu_times()
+            return t.user + t.system + t.children_user + t.children_system
+        return self._sum(times)
+
+    def rss(self) -> int:
+        return int(self._sum(lambda p: p.memory_info().rss))
+
+    def _sample_rss(self):
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self.rss())
+            self._stop.wait(RSS_SAMPLE_S)
+
+    def pss(self) -> int:
+        """Proportional set size of the tree: shared pages split between the processes mapping
+        them, so forked workers are not charged for the parent's pages. A page-table walk
+        (~30 ms per process), hence read once, outside the timed window."""
+        return int(self._sum(lambda p: p.memory_full_info().pss))
+
+    def close(self) -> int:
+        """Stop sampling; the peak RSS in bytes."""
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak_rss, self.rss())
+
+
+# ---------------------------------------------------------------- finished batches
+
+class FastnegBatches:
+    """Endless finished batches (q, k, ns or None) from a fastneg loader, built eagerly so that
+    an unavailable backend fails here, not at the first batch."""
+
+    def __init__(self, kind, source, *, batch_size, size, device, workers, negatives, bank=None,
+                 seed=0):
+        import torch
+        from fastneg.augment import MoCoV2Augment
+        from fastneg.kernels import patch_negatives, sample_textures
+        from fastneg.loaders import build_loader
+        self.loader = build_loader(kind, str(source), batch_size=batch_size, size=size,
+                                   device=str(device), seed=seed, workers=workers)
+        self.aug = MoCoV2Augment()
+        self.device = torch.device(device)
+        self.negatives, self.size, self.seed = negatives, size, seed
+        self.patch_negatives, self.sample_textures = patch_negatives, sample_textures
+        self.patch_range = patch_range_for(size)
+        self.bank = None if bank is None else bank.to(self.device)
+        self.source = source
+
+    def __iter__(self):
+        step, epoch = 0, 0
+        while True:
+            self.loader.set_epoch(epoch)
+            empty = True
+            for batch in self.loader:
+                empty = False
+                yield self.finish(batch, step)
+                step += 1
+            if empty:
+                raise ValueError(f"dataset {self.source} has fewer images than the batch size")
+            epoch += 1
+
+    def finish(self, batch, step):
+        """Loader batch -> (q, k, ns): both views augmented, the negatives made, on the device."""
+        q_u8, k_u8 = batch.views
+        n = q_u8.shape[0]
+        p_q = self.aug.sample(n, seed=self.seed, step=step, view=0, device=self.device)
+        p_k = self.aug.sample(n, seed=self.seed, step=step, view=1, device=self.device)
+        q = self.aug.apply(q_u8, p_q)
+        k = self.aug.apply(k_u8, p_k)
+        ns = None
+        if self.negatives == "patch":
+            ns = self.patch_negatives(q, layout="nchw", patch_range=self.patch_range,
+                                      seed=self.seed, step=step)
+        elif self.negatives == "texture":
+            ids = batch.indices.to(self.device, non_blocking=True) % self.bank.shape[0]
+            tex = self.sample_textures(self.bank, ids, size=self.size, seed=self.seed, step=step)
+            ns = self.aug.apply(tex, p_q)   # the texture gets the query's augmentation draws
+        return q, k, ns
+
+
+def prepare_ffcv(data: Path, timeout: float) -> Path:
+    """The dataset as a .beton next to it, converted once (in a subprocess: FFCV's writer can
+    deadlock in a process that already ran a Loader). RuntimeError with the reason on failure."""
+    beton = data.parent / f"{data.name}.beton"
+    if beton.exists() and beton.stat().st_mtime >= data.stat().st_mtime:
+        return beton
+    cmd = [sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv", str(data), str(beton)]
+    print(f"converting {data} to {beton} (once)", file=sys.stderr, flush=True)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"'fastneg convert --to ffcv' took more than {timeout:.0f} s") from None
+    if done.returncode != 0 or not beton.exists():
+        beton.unlink(missing_ok=True)
+        raise RuntimeError(f"'fastneg convert --to ffcv' failed: {_last_line(done.stderr)}")
+    return beton
+
+
+def write_texture_bank(data: Path, size: int, workdir: Path) -> Path:
+    """The benchmark's texture bank: the first TEXTURE_BANK_SIZE images resized to size x size,
+    as workdir/bank.npy, uint8 [B, size, size, 3] (fastneg; returned), and as JPEG q90 files
+    workdir/texture_*.jpg (baseline)."""
+    from PIL import Image
+
+    from fastneg.data.imagefolder import scan_image_folder
+    listing = scan_image_folder(data)
+    bank = []
+    for i in range(min(TEXTURE_BANK_SIZE, len(listing))):
+        with Image.open(listing.path(i)) as img:
+            tex = img.convert("RGB").resize((size, size), Image.BILINEAR)
+        tex.save(workdir / f"texture_{i:04d}.jpg", quality=90)
+        bank.append(np.asarray(tex))
+    np.save(workdir / "bank.npy", np.stack(bank))
+    return workdir / "bank.npy"
+
+
+# ---------------------------------------------------------------- one row (child process)
+
+def measure_row(args) -> dict:
+    """Measure one row in this process; the record (status "ok", "unavailable" or "failed")."""
+    import torch
+    loader, negatives = args.row.split(":")
+    device = torch.device(args.device)
+    record = _record(loader, negatives, str(device))
+    tree = ProcessTree()
+    start = time.perf_counter()
+    try:
+        batches = _build_row(args, loader, negatives, device)
+    except (ImportError, RuntimeError) as e:   # the loader contract's "not available here"
+        tree.close()
+        return {**record, "status": "unavailable", "reason": _reason(e)}
+    try:
+        it = iter(batches)
+        for _ in range(args.warmup):
+            next(it)
+        _sync(device)
+        warm = time.perf_counter()
+        cpu0 = tree.cpu_seconds()
+        for _ in range(args.batches):
+            next(it)
+        _sync(device)
+        wall = time.perf_counter() - warm
+        cpu = tree.cpu_seconds() - cpu0
+    except ImportError as e:
+        tree.close()
+        return {**record, "status": "unavailable", "reason": _reason(e)}
+    pss = tree.pss()
+    peak = tree.close()
+    images = args.batches * args.batch_size
+    return {**record, "status": "ok", "reason": "",
+            "img_per_s": images / wall, "batches_per_s": args.batches / wall,
+            "cpu_s_per_1k": 1000 * cpu / images, "peak_rss_mb": peak / 2 ** 20,
+            "pss_mb": pss / 2 ** 20, "warmup_s": warm - start}
+
+
+def _build_row(args, loader, negatives, device):
+    import torch
+    if loader == BASELINE:
+        from published_baseline import published_batches, published_loader
+        textures = (sorted(Path(args.workdir).glob("texture_*.jpg")) if negatives == "texture"
+                    else ())
+        dl = published_loader(args.data, batch_size=args.batch_size, size=args.size,
+                              negatives=negatives, workers=args.baseline_workers, device=device,
+                              seed=args.seed, patch_range=patch_range_for(args.size),
+                              texture_files=textures)
+        return published_batches(dl, device)
+    bank = None
+    if negatives == "texture":
+        bank = torch.from_numpy(np.load(Path(args.workdir) / "bank.npy"))
+    return FastnegBatches(loader, args.source or args.data, batch_size=args.batch_size,
+                          size=args.size, device=device, workers=args.workers,
+                          negatives=negatives, bank=bank, seed=args.seed)
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no error output"
+
+
+def _record(loader, negatives, device, **fields) -> dict:
+    rec = {"loader": loader, "negatives": negatives, "device": device, "img_per_s": None,
+           "batches_per_s": None, "cpu_s_per_1k": None, "peak_rss_mb": None,
+           "pss_mb": None, "ratio_vs_baseline": None, "warmup_s": None, "status": "failed",
+           "reason": ""}
+    rec.update(fields)
+    return rec
+
+
+# ---------------------------------------------------------------- the whole run (parent)
+
+def run_rows(args, rows, device: str, workdir: Path, sources: dict, unavailable: dict) -> list:
+    records = []
+    for i, (loader, negatives) in enumerate(rows, 1):
+        label = f"[{i}/{len(rows)}] {loader}/{negatives}"
+        if loader in unavailable:
+            rec = _record(loader, negatives, device, status="unavailable",
+                          reason=unavailable[loader])
+        else:
+            rec = _run_child(args, loader, negatives, device, workdir, sources.get(loader))
+        records.append(rec)
+        shown = (f"{rec['img_per_s']:.1f} img/s (warm-up {rec['warmup_s']:.1f} s)"
+                 if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}")
+        print(f"{label}: {shown}", file=sys.stderr, flush=True)
+    return records
+
+
+def row_environment() -> dict:
+    """The environment of every row: OpenMP threads sleep instead of spinning while they wait.
+
+    Spinning threads of the main process starve the loader's workers whenever the cores are
+    shared (measured on 2 cores: the torch loader went from 16 to 258 img/s); a value the
+    user set is kept.
+    """
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def _run_child(args, loader, negatives, device, workdir, source) -> dict:
+    record_path = workdir / f"record-{loader}-{negatives}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--row", f"{loader}:{negatives}",
+           "--data", str(args.data), "--device", device, "--batch-size", str(args.batch_size),
+           "--batches", str(args.batches), "--warmup", str(args.warmup), "--size", str(args.size),
+           "--seed", str(args.seed), "--baseline-workers", str(args.baseline_workers),
+           "--workdir", str(workdir), "--record", str(record_path)]
+    if args.workers is not None:
+        cmd += ["--workers", str(args.workers)]
+    if source is not None:
+        cmd += ["--source", str(source)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout,
+                              env=row_environment())
+    except subprocess.TimeoutExpired:
+        return _record(loader, negatives, device,
+                       reason=f"timed out after {args.row_timeout:.0f} s (--row-timeout)")
+    if done.returncode != 0 or not record_path.exists():
+        return _record(loader, negatives, device,
+                       reason=f"exit {done.returncode}: {_last_line(done.stderr)}")
+    return json.loads(record_path.read_text())
+
+
+def add_ratios(records: list) -> None:
+    """ratio_vs_baseline = img/s over the baseline's img/s with the same negatives."""
+    base = {r["negatives"]: r["img_per_s"] for r in records
+            if r["loader"] == BASELINE and r["status"] == "ok"}
+    for r in records:
+        if r["status"] == "ok" and base.get(r["negatives"]):
+            r["ratio_vs_baseline"] = r["img_per_s"] / base[r["negatives"]]
+
+
+def format_table(records: list) -> str:
+    head = ("loader", "negatives", "device", "img/s", "batch/s", "x baseline", "CPU s/1k img",
+            "peak RSS MB", "PSS MB", "warm-up s", "note")
+    rows = []
+    for r in records:
+        ok = r["status"] == "ok"
+
+        def num(key, fmt):
+            return format(r[key], fmt) if ok and r[key] is not None else "-"
+        rows.append((r["loader"], r["negatives"], r["device"], num("img_per_s", ".1f"),
+                     num("batches_per_s", ".2f"), num("ratio_vs_baseline", ".2f"),
+                     num("cpu_s_per_1k", ".1f"), num("peak_rss_mb", ".0f"),
+                     num("pss_mb", ".0f"), num("warmup_s", ".1f"),
+                     "" if ok else f"{r['status']}: {r['reason']}"))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    numeric = range(3, 10)
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def write_plot(records: list, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    negs = list(dict.fromkeys(r["negatives"] for r in records))
+    loaders = list(dict.fromkeys(r["loader"] for r in records))
+    width = 0.8 / len(loaders)
+    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(negs), 4.5))
+    for j, loader in enumerate(loaders):
+        for i, neg in enumerate(negs):
+            r = next((r for r in records if r["loader"] == loader and r["negatives"] == neg), None)
+            if r is None or r["status"] != "ok":
+                continue
+            x = i + (j - (len(loaders) - 1) / 2) * width
+            ax.bar(x, r["img_per_s"], width, color=f"C{j}", label=loader if i == 0 else None)
+            if r["ratio_vs_baseline"] is not None:
+                ax.annotate(f"{r['ratio_vs_baseline']:.1f}x", (x, r["img_per_s"]),
+                            ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(negs)), [f"negatives: {n}" for n in negs])
+    ax.set_ylabel("finished training images / s")
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    by_label = dict(zip(labels, handles))
+    ax.legend(by_label.values(), by_label.keys(), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores usable"
+
+
+def resolve_device(name: str | None) -> str:
+    import torch
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device name ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine")
+    return str(dev)
+
+
+def default_data() -> Path:
+    from fastneg.data.synthetic import DatasetSpec, make_dataset
+    train = DEFAULT_DATA / "train"
+    if not (train / "metadata.csv").exists():
+        print(f"generating the benchmark dataset in {DEFAULT_DATA} (once), like: fastneg "
+              f"make-data --out {DEFAULT_DATA} --imagenet-like --images-per-class "
+              f"{DEFAULT_IMAGES_PER_CLASS}", file=sys.stderr, flush=True)
+        make_dataset(DEFAULT_DATA, DatasetSpec(images_per_class=DEFAULT_IMAGES_PER_CLASS,
+                                               imagenet_like=True), force=True)
+    return train
+
+
+def comma_list(allowed):
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected a comma list of {', '.join(allowed)}")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def positive(text):
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative(text):
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Finished training batches per second of every fastneg loader x negatives, "
+                    "as a ratio to the published code's data path, measured in the same run.")
+    p.add_argument("--data", type=Path, default=None,
+                   help="ImageFolder root (default: data/imagenet-like/train, generated once)")
+    p.add_argument("--loaders", type=comma_list(LOADERS), default=list(LOADERS),
+                   help=f"comma list of {', '.join(LOADERS)} (default: all)")
+    p.add_argument("--negatives", type=comma_list(NEGATIVES), default=list(NEGATIVES),
+                   help=f"comma list of {', '.join(NEGATIVES)} (default: all)")
+    p.add_argument("--batch-size", type=positive, default=64, help="images per batch (default 64)")
+    p.add_argument("--batches", type=positive, default=8,
+                   help="measured batches per row (default 8)")
+    p.add_argument("--warmup", type=non_negative, default=2,
+                   help="warm-up batches per row, timed apart (default 2)")
+    p.add_argument("--size", type=positive, default=PAPER_SIZE,
+                   help="training resolution (default 224)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--workers", type=non_negative, default=None,
+                   help="loader workers/threads (default: each loader's own default; the "
+                        "baseline's DataLoader workers default to the usable cores)")
+    p.add_argument("--seed", type=non_negative, default=0, help="seed (default 0)")
+    p.add_argument("--row-timeout", type=float, default=300.0,
+                   help="seconds before a row is given up as failed (default 300)")
+    p.add_argument("--json", type=Path, default=None, help="write the records to this JSON file")
+    p.add_argument("--plot", type=Path, default=None, help="write a bar chart to this PNG file")
+    # Internal: one row in a child process.
+    for name in ("--row", "--workdir", "--record", "--source"):
+        p.add_argument(name, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--baseline-workers", type=non_negative, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.row:
+        # Child: the baseline module sits beside this file.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        record = measure_row(args)
+        Path(args.record).write_text(json.dumps(record))
+        return 0
+    try:
+        device = resolve_device(args.device)
+        for out in (args.json, args.plot):
+            if out is not None and not out.parent.is_dir():
+                raise FileNotFoundError(f"output folder {out.parent} does not exist")
+        if args.plot is not None and args.plot.suffix.lower() != ".png":
+            raise ValueError(f"--plot must name a .png file, got {args.plot}")
+        if args.data is None:
+            args.data = default_data()
+        from fastneg.data.imagefolder import scan_image_folder
+        images = len(scan_image_folder(args.data))
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"throughput.py: error: {e}", file=sys.stderr)
+        return 2
+    args.data = args.data.resolve()
+    if args.baseline_workers is None:
+        args.baseline_workers = (args.workers if args.workers is not None
+                                 else len(os.sched_getaffinity(0)))
+    rows = ([(BASELINE, n) for n in args.negatives]
+            + [(k, n) for k in args.loaders for n in args.negatives])
+    title = (f"{images} images in {args.data.name}, batch {args.batch_size}, {args.size} px, "
+             f"{args.batches} batches after {args.warmup} warm-up; {device}; {hardware()}; "
+             f"OMP_WAIT_POLICY={row_environment()['OMP_WAIT_POLICY']}")
+    print(title, file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="fastneg-bench-") as tmp:
+        workdir = Path(tmp)
+        if "texture" in args.negatives:
+            write_texture_bank(args.data, args.size, workdir)
+        sources, unavailable = {}, {}
+        if "ffcv" in args.loaders:
+            try:
+                sources["ffcv"] = prepare_ffcv(args.data, args.row_timeout)
+            except RuntimeError as e:
+                unavailable["ffcv"] = str(e)
+        records = run_rows(args, rows, device, workdir, sources, unavailable)
+    add_ratios(records)
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+    if args.plot is not None:
+        write_plot(records, args.plot, title)
+    print(f"# fastneg throughput, {datetime.date.today().isoformat()}: {title}")
+    print(f"# command: python benchmarks/throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    print(format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""benchmarks/throughput.py, its published baseline and benchmarks/moco_step.py, on tiny data."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastneg.data.synthetic import DatasetSpec, make_dataset
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    """A benchmarks/ script as a module, without putting benchmarks/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+throughput = _load("throughput")
+published_baseline = _load("published_baseline")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("bench") / "shapes",
+                        DatasetSpec(images_per_class=4, size=32), progress=False)
+    return root / "train"
+
+
+def _torch_loader_available() -> bool:
+    try:
+        from fastneg.loaders import build_loader  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_throughput_smoke_reports_every_requested_row(tiny_data, tmp_path):
+    out, plot = tmp_path / "rows.json", tmp_path / "rows.png"
+    # Few rows: each is a fresh process that compiles its kernels (~10 s on 2 cores).
+    loaders, negatives = ["torch"], ["patch", "texture"]
+    cmd = [sys.executable, str(BENCH / "throughput.py"), "--data", str(tiny_data),
+           "--loaders", ",".join(loaders), "--negatives", ",".join(negatives),
+           "--size", "64", "--batch-size", "8", "--batches", "2", "--warmup", "1",
+           "--workers", "1", "--device", "cpu", "--json", str(out), "--plot", str(plot)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    records = json.loads(out.read_text())
+    assert isinstance(records, list)
+    wanted = {("published", n) for n in negatives} | {(k, n) for k in loaders for n in negatives}
+    assert {(r["loader"], r["negatives"]) for r in records} == wanted
+    assert len(records) == len(wanted)
+    baseline = {r["negatives"]: r for r in records if r["loader"] == "published"}
+    for r in records:
+        assert set(throughput.RECORD_KEYS) <= r.keys()
+        assert r["device"] == "cpu"
+        if r["status"] != "ok":
+            assert r["status"] in ("unavailable", "failed") and r["reason"], r
+            assert r["img_per_s"] is None and r["ratio_vs_baseline"] is None
+            continue
+        assert r["img_per_s"] > 0 and r["cpu_s_per_1k"] >= 0 and r["peak_rss_mb"] > 0
+        assert r["warmup_s"] > 0
+        expected = r["img_per_s"] / baseline[r["negatives"]]["img_per_s"]
+        assert r["ratio_vs_baseline"] == pytest.approx(expected)
+    # The baseline is the benchmark's own code: it must always run.
+    assert all(b["status"] == "ok" and b["ratio_vs_baseline"] == 1.0 for b in baseline.values())
+    if _torch_loader_available():
+        assert all(r["status"] == "ok" for r in records if r["loader"] == "torch"), records
+    assert plot.stat().st_size > 0
+    table_rows = done.stdout.strip().splitlines()[-len(records):]   # the table is printed last
+    assert [ln.split()[:2] for ln in table_rows] == [[r["loader"], r["negatives"]] for r in records]
+
+
+def test_throughput_bad_data_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert throughput.main(["--data", str(missing), "--device", "cpu"]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_ratios_compare_rows_with_the_baseline_of_the_same_negatives():
+    rec = throughput._record
+    records = [rec("published", "none", "cpu", status="ok", img_per_s=50.0),
+               rec("published", "patch", "cpu", status="ok", img_per_s=20.0),
+               rec("torch", "none", "cpu", status="ok", img_per_s=150.0),
+               rec("torch", "patch", "cpu", status="ok", img_per_s=90.0),
+               rec("dali", "patch", "cpu", status="unavailable", reason="ImportError: x")]
+    throughput.add_ratios(records)
+    assert [r["ratio_vs_baseline"] for r in records] == [1.0, 1.0, 3.0, 4.5, None]
+    lines = throughput.format_table(records).splitlines()
+    assert len(lines) == 2 + len(records) and "unavailable: ImportError: x" in lines[-1]
+
+
+def test_a_loader_known_to_be_unavailable_is_reported_without_running(tmp_path):
+    args = throughput.build_parser().parse_args(["--data", str(tmp_path)])
+    [rec] = throughput.run_rows(args, [("ffcv", "patch")], "cpu", tmp_path, {},
+                                {"ffcv": "'fastneg convert --to ffcv' failed: no space"})
+    assert rec["status"] == "unavailable" and "no space" in rec["reason"]
+    assert set(throughput.RECORD_KEYS) <= rec.keys() and rec["img_per_s"] is None
+
+
+def test_process_tree_counts_cpu_of_exited_children():
+    tree = throughput.ProcessTree()
+    before = tree.cpu_seconds()
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    spent = tree.cpu_seconds() - before
+    assert tree.close() > 0
+    assert spent >= 0.25
+
+
+def test_published_patch_loop_copies_windows_of_the_query():
+    size, lo, hi = 20, 3, 7
+    q = torch.arange(3 * size * size, dtype=torch.float32).view(3, size, size)
+    rng = published_baseline.np.random.default_rng(1)
+    for _ in range(20):
+        ns = published_baseline.patch_negative_loop(q, (lo, hi), rng)
+        assert ns.shape == q.shape
+        # q[c, y, x] = c*S*S + y*S + x, so a tile's first pixel says where its window starts.
+        y, x = divmod(int(ns[0, 0, 0]), size)
+        d = next(d for d in range(hi, lo - 1, -1)
+                 if torch.equal(ns[:, :d, :d], q[:, y:y + d, x:x + d]))
+        assert lo <= d <= hi and y < size - d and x < size - d
+
+
+def test_patch_range_scales_the_papers_range():
+    assert throughput.patch_range_for(224) == (16, 72)
+    lo, hi = throughput.patch_range_for(64)
+    assert 1 <= lo <= hi <= 63
+
+
+@pytest.mark.slow
+def test_moco_step_smoke_on_cpu(tiny_data, tmp_path):
+    pytest.importorskip("fastneg.moco")
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, str(BENCH / "moco_step.py"), "--device", "cpu", "--arch", "resnet10s",
+           "--size", "32", "--batch-size", "4", "--queue", "16", "--steps", "1", "--warmup", "1",
+           "--precision", "fp32", "--loaders", "torch", "--workers", "1",
+           "--data", str(tiny_data), "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["ceiling"]["img_per_s"] > 0
+    [row] = result["rows"]
+    assert row["loader"] == "torch"
+    if _torch_loader_available():
+        assert row["status"] == "ok", row
+        assert row["vs_ceiling"] == pytest.approx(row["img_per_s"] / result["ceiling"]["img_per_s"])
+        assert 0 <= row["data_wait_pct"] <= 100
+    else:
+        assert row["status"] == "unavailable" and row["reason"]
