@@ -8,8 +8,9 @@ import sys
 
 VERB_MODULES = [
     "fastneg.data.cli",        # make-data
-    "fastneg.texture.cli",     # build-bank
     "fastneg.data.convert",    # convert
+    "fastneg.eval.cli",        # eval
+    "fastneg.texture.cli",     # build-bank
 ]
 
 

@@ -1,0 +1,196 @@
+"""The evaluation of one frozen backbone on a dataset root: linear probe and kNN on every split,
+corruptions of val, shape bias on the cue-conflict split, extra out-of-domain folders.
+
+    ROOT/train        fits the probe and is the kNN memory
+    ROOT/<split>      every other ImageFolder under ROOT is evaluated (val, conflict, outline, ...)
+    ROOT/val          is also corrupted (ImageNet-C style) and reported as the split "corrupt"
+    ROOT/conflict     with a metadata.csv (label, shape, texture_class) gives the shape bias
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastneg.data.imagefolder import ImageList, scan_image_folder
+from fastneg.eval.corrupt import DEFAULT_CORRUPTIONS, SEVERITIES, corrupt_split
+from fastneg.eval.features import cached_features, extract_features, file_digest
+from fastneg.eval.knn import knn_predict
+from fastneg.eval.linear import train_linear_probe
+from fastneg.eval.metrics import shape_bias, top1
+
+CORRUPT = "corrupt"   # the split name under which the corruption mean is reported
+
+
+def find_splits(root) -> dict[str, Path]:
+    """The ImageFolder sub-folders of `root` other than train (hidden folders skipped)."""
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"no train split: {root / 'train'} is not a folder "
+                                "(--data must hold train/ and the evaluation splits)")
+    splits = {}
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir() and entry.name != "train" and not entry.name.startswith("."):
+            has_classes = any(e.is_dir() for e in os.scandir(entry.path))
+            if has_classes:
+                splits[entry.name] = Path(entry.path)
+    return splits
+
+
+def aligned_labels(images: ImageList, train_classes, name: str) -> torch.Tensor:
+    """Labels of `images` as indices into the training classes (matched by folder name)."""
+    unknown = sorted(set(images.classes) - set(train_classes))
+    if unknown:
+        raise ValueError(f"split {name!r} ({images.root}) has classes the train split lacks: "
+                         f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    index = {c: i for i, c in enumerate(train_classes)}
+    remap = np.asarray([index[c] for c in images.classes], np.int64)
+    return torch.from_numpy(remap[images.labels])
+
+
+def conflict_cues(images: ImageList, train_classes) -> tuple[np.ndarray, np.ndarray] | None:
+    """(shape, texture) class ids per image of a cue-conflict split, from its metadata.csv.
+
+    metadata.csv numbers classes its own way (label, with the class name in `shape`);
+    texture_class uses the same numbering, so both are mapped to train class ids by name.
+    """
+    from fastneg.data.synthetic import read_metadata
+    if not (images.root / "metadata.csv").exists():
+        return None
+    rows = read_metadata(images.root)
+    if not rows or "texture_class" not in rows[0]:
+        return None
+    name_of = {r["label"]: r["shape"] for r in rows}
+    index = {c: i for i, c in enumerate(train_classes)}
+    by_file = {Path(r["file"]).as_posix(): r for r in rows}
+    shape, texture = [], []
+    for f in images.files:
+        r = by_file.get(Path(f).as_posix())
+        if r is None:
+            raise ValueError(f"{images.root / 'metadata.csv'} has no row for {f}")
+        shape.append(index[name_of[r["label"]]])
+        texture.append(index[name_of[r["texture_class"]]])
+    return np.asarray(shape), np.asarray(texture)
+
+
+def parse_ood(specs) -> dict[str, Path]:
+    """{"NAME": DIR} from ["NAME=DIR", ...] (the --ood flags)."""
+    out = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--ood expects NAME=DIR, got {spec!r}")
+        if name in out or name in ("train", CORRUPT):
+            raise ValueError(f"--ood name {name!r} is reserved or given twice")
+        out[name] = Path(path)
+    return out
+
+
+def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=None,
+                      cache_dir=None, identity: str = "", corrupt_dir=None,
+                      corruptions=DEFAULT_CORRUPTIONS, severities=SEVERITIES,
+                      k: int = 20, temperature: float = 0.07, batch_size: int = 256,
+                      device="cpu", log=print) -> dict:
+    """Every metric of the module docstring for `backbone` (maps normalized images to features).
+
+    Features are cached under `cache_dir` (None: not cached) with a key made of `identity` (what
+    the backbone is, e.g. its checkpoint's digest), the split's listing and `size`.
+    `corruptions=()` skips the corruption suite.
+    """
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"kNN needs k >= 1 and temperature > 0; got k={k}, "
+                         f"temperature={temperature}")
+    root = Path(data_root)
+    splits = find_splits(root)
+    for name, path in (ood or {}).items():
+        if name in splits:
+            raise ValueError(f"--ood name {name!r} clashes with the split {root / name}")
+        splits[name] = path
+    train = scan_image_folder(root / "train")
+    n_cls = len(train.classes)
+
+    def features(images: ImageList, tag: str) -> torch.Tensor:
+        if cache_dir is None:
+            return extract_features(backbone, images, size=size, batch_size=batch_size,
+                                    device=device)
+        key = hashlib.sha256(f"{identity}|{images.fingerprint()}|{size}".encode()).hexdigest()
+        return cached_features(backbone, images, size=size, key=key, batch_size=batch_size,
+                               device=device, cache_file=Path(cache_dir) / f"{tag}.pt")
+
+    train_y = torch.from_numpy(train.labels)
+    train_f = features(train, "train")
+    probe = train_linear_probe(train_f, train_y, num_classes=n_cls)
+
+    def predict(feats):
+        return {"linear": probe.predict(feats).numpy(),
+                "knn": knn_predict(train_f, train_y, feats, num_classes=n_cls, k=k,
+                                   temperature=temperature).numpy()}
+
+    result = {"data": str(root), "size": size, "train_images": len(train),
+              "linear": {}, "knn": {}, "images": {}}
+    for name, path in splits.items():
+        images = scan_image_folder(path)
+        labels = aligned_labels(images, train.classes, name).numpy()
+        preds = predict(features(images, name))
+        for clf in ("linear", "knn"):
+            result[clf][name] = top1(preds[clf], labels)
+        result["images"][name] = len(images)
+        log(f"  {name:<12} linear {result['linear'][name]:.3f}  knn {result['knn'][name]:.3f}"
+            f"  ({len(images)} images)")
+        cues = conflict_cues(images, train.classes) if name == "conflict" else None
+        if cues is not None:
+            for clf, suffix in (("linear", ""), ("knn", "_knn")):
+                bias = shape_bias(preds[clf], shape=cues[0], texture=cues[1])
+                result["shape_bias" + suffix] = None if np.isnan(bias) else bias   # JSON null
+                result["texture_match" + suffix] = float((preds[clf] == cues[1]).mean())
+    if corruptions and "val" in splits:
+        detail = _corruption_suite(splits["val"], corrupt_dir or root / ".fastneg-corrupt" / "val",
+                                   corruptions, severities, train.classes, features, predict)
+        for clf in ("linear", "knn"):
+            result[clf][CORRUPT] = float(np.mean([a for accs in detail[clf].values()
+                                                  for a in accs]))
+        result["corruptions"] = detail
+        log(f"  {CORRUPT:<12} linear {result['linear'][CORRUPT]:.3f}  knn "
+            f"{result['knn'][CORRUPT]:.3f}  ({len(corruptions)} corruptions x "
+            f"{len(severities)} severities of val)")
+    return result
+
+
+def _corruption_suite(val_dir, corrupt_dir, corruptions, severities, train_classes,
+                      features, predict) -> dict:
+    """{"names", "severities", "linear": {name: [top1 per severity]}, "knn": {...}}."""
+    corrupt_dir = Path(corrupt_dir)
+    try:
+        corrupt_split(val_dir, corrupt_dir, corruptions=corruptions, severities=severities)
+    except PermissionError as e:
+        raise PermissionError(f"cannot write the corruption cache {corrupt_dir}: {e}; "
+                              "choose a writable folder with --corrupt-dir") from e
+    detail = {"linear": {}, "knn": {}}
+    for name in corruptions:
+        for clf in detail:
+            detail[clf][name] = []
+        for sev in severities:
+            images = scan_image_folder(corrupt_dir / name / str(sev))
+            labels = aligned_labels(images, train_classes, f"{CORRUPT}/{name}/{sev}").numpy()
+            preds = predict(features(images, f"{CORRUPT}-{name}-{sev}"))
+            for clf in detail:
+                detail[clf][name].append(top1(preds[clf], labels))
+    return {"names": list(corruptions), "severities": list(severities), **detail}
+
+
+def evaluate_checkpoint(checkpoint, data_root, *, cache_dir=None, device="cpu",
+                        **kwargs) -> dict:
+    """evaluate_backbone on a trainer checkpoint; features cached in RUN_DIR/eval-cache/<name>."""
+    from fastneg.moco import load_encoder
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    backbone, args = load_encoder(checkpoint, device=device)
+    size = int(args["size"])
+    cache_dir = cache_dir or checkpoint.parent / "eval-cache" / checkpoint.stem
+    result = evaluate_backbone(backbone, data_root, size=size, cache_dir=cache_dir,
+                               identity=file_digest(checkpoint), device=device, **kwargs)
+    return {"checkpoint": str(checkpoint), "args": dict(args), **result}

@@ -1,0 +1,1 @@
+"""Experiments that reproduce the paper's claims on the embedded dataset (run with python -m)."""
