@@ -162,6 +162,8 @@ def test_suite_errors_name_the_problem(shapes, tmp_path):
         parse_ood(["sketch"])
     bad = tmp_path / "bad"
     shutil.copytree(shapes / "val" / "star", bad / "dragon")
+    with pytest.raises(ValueError, match="fogg"):
+        evaluate_backbone(None, tmp_path, size=32, corruptions=("fogg",))   # checked first
     with pytest.raises(ValueError, match="dragon"):
         evaluate_backbone(tiny_backbone(), shapes, size=32, ood={"bad": bad}, corruptions=(),
                           log=lambda _: None)

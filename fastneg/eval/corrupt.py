@@ -20,14 +20,13 @@ import numpy as np
 from PIL import Image
 
 from fastneg.data.imagefolder import scan_image_folder
-from fastneg.kernels.rng import mix, slot
+from fastneg.kernels.rng import STREAM_CORRUPT, mix, slot
 
 # A fast, representative subset of the ImageNet-C families at 32-96 px: noise, blur (2),
 # weather, digital (3). Every corruption-tta name is accepted.
 DEFAULT_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "motion_blur", "fog", "contrast",
                        "jpeg_compression", "pixelate")
 SEVERITIES = (1, 2, 3, 4, 5)
-STREAM_CORRUPT = 8    # RNG stream of these corruptions (next free number in fastneg.kernels.rng)
 
 
 def corruption_names() -> tuple[str, ...]:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fastneg.data.imagefolder import ImageList, scan_image_folder
-from fastneg.eval.corrupt import DEFAULT_CORRUPTIONS, SEVERITIES, corrupt_split
+from fastneg.eval.corrupt import (DEFAULT_CORRUPTIONS, SEVERITIES, check_corruptions,
+                                  corrupt_split)
 from fastneg.eval.features import cached_features, extract_features, file_digest
 from fastneg.eval.knn import knn_predict
 from fastneg.eval.linear import train_linear_probe
@@ -103,6 +104,8 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
     if k < 1 or temperature <= 0:
         raise ValueError(f"kNN needs k >= 1 and temperature > 0; got k={k}, "
                          f"temperature={temperature}")
+    if corruptions:   # before any feature is extracted: a typo should cost nothing
+        corruptions, severities = check_corruptions(corruptions, severities)
     root = Path(data_root)
     splits = find_splits(root)
     for name, path in (ood or {}).items():
