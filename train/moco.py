@@ -72,7 +72,7 @@ PAPER_SIZE, PAPER_PATCH_RANGE = 224, (16, 72)
 # Lowest priority first: base defaults, then per-device defaults, then a preset, then the
 # checkpoint's args on --resume, then flags given on the command line.
 DEFAULTS = dict(loader="dali", negatives="patch", alpha=2.0, patch_range=None, texture_bank=None,
-                cifar_stem=False, lr=0.06, wd=1e-4, epochs=30, warmup_epochs=1, moco_k=1024,
+                cifar_stem=False, crop_scale=[0.2, 1.0], lr=0.06, wd=1e-4, epochs=30, warmup_epochs=1, moco_k=1024,
                 moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn="shuffle",
                 channels_last=True, seed=0, save_every=10, log_every=10, workers=None,
                 compile=False, max_steps=None, eval=False)
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cifar-stem", "3x3 stride-1 stem without max-pool, for images of about 32 px",
       action=argparse.BooleanOptionalAction)
     a("--size", "training resolution in pixels", type=int)
+    a("--crop-scale", "area range of the random resized crops, as fractions of the image; "
+      "a milder range such as 0.4 1 keeps small shapes whole", type=float, nargs=2,
+      metavar=("LO", "HI"))
     a("--batch-size", "global batch, split over the processes", type=int)
     a("--lr", "learning rate per 256 images; the optimizer uses lr * batch-size / 256",
       type=float)
@@ -299,7 +302,7 @@ def main(argv=None):
             dist.barrier()
     per_rank = args.batch_size // world
     loader = build_loader(args.loader, str(source), batch_size=per_rank, views=2, size=args.size,
-                          device=str(device), rank=rank, world_size=world, seed=args.seed,
+                          scale=tuple(args.crop_scale), device=str(device), rank=rank, world_size=world, seed=args.seed,
                           workers=args.workers, drop_last=True, shuffle=True)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
