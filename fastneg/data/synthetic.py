@@ -21,14 +21,15 @@ import csv
 import io
 import math
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
+from fastneg.data.staging import staged_dir
 from fastneg.kernels.rng import STREAM_DATA
 
 SHAPES = ("circle", "square", "triangle", "star", "cross",
@@ -277,10 +278,12 @@ def make_dataset(out, spec: DatasetSpec = DatasetSpec(), *, force: bool = False,
         raise ValueError(f"images_per_class must be >= 1, got {spec.images_per_class}")
     if not spec.imagenet_like and spec.size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {spec.size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(out) as tmp:
+        _write_splits(tmp, spec, workers, progress, out.name)
+    return out
 
+
+def _write_splits(tmp: Path, spec: DatasetSpec, workers, progress, name) -> None:
     jobs, rows = [], {}
     for split in SPLITS:
         rows[split] = []
@@ -294,30 +297,22 @@ def make_dataset(out, spec: DatasetSpec = DatasetSpec(), *, force: bool = False,
                 rows[split].append([rel, label, shape])
                 jobs.append((spec, split, index, label, str(tmp / split / rel)))
     workers = workers or len(os.sched_getaffinity(0))
-    try:
-        from tqdm import tqdm
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_make_one, jobs, chunksize=32)
-            families = [f for _, f in tqdm(results, total=len(jobs), disable=not progress,
-                                           desc=f"make-data {out.name}", unit="img")]
-        k = 0
-        for split in SPLITS:
-            with open(tmp / split / "metadata.csv", "w", newline="") as fh:
-                wr = csv.writer(fh)
-                wr.writerow(["file", "label", "shape", "texture", "texture_class"])
-                for rel, label, shape in rows[split]:
-                    fam = families[k]
-                    k += 1
-                    wr.writerow([rel, label, shape, TEXTURES[fam] if fam >= 0 else "none", fam])
-        (tmp / "README.txt").write_text(
-            f"fastneg shapes dataset: seed={spec.seed} images_per_class={spec.images_per_class} "
-            f"size={'x'.join(map(str, spec.hw))} p_dominant={spec.p_dominant}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    with ProcessPoolExecutor(workers) as pool:
+        results = pool.map(_make_one, jobs, chunksize=32)
+        families = [f for _, f in tqdm(results, total=len(jobs), disable=not progress,
+                                       desc=f"make-data {name}", unit="img")]
+    k = 0
+    for split in SPLITS:
+        with open(tmp / split / "metadata.csv", "w", newline="") as fh:
+            wr = csv.writer(fh)
+            wr.writerow(["file", "label", "shape", "texture", "texture_class"])
+            for rel, label, shape in rows[split]:
+                fam = families[k]
+                k += 1
+                wr.writerow([rel, label, shape, TEXTURES[fam] if fam >= 0 else "none", fam])
+    (tmp / "README.txt").write_text(
+        f"fastneg shapes dataset: seed={spec.seed} images_per_class={spec.images_per_class} "
+        f"size={'x'.join(map(str, spec.hw))} p_dominant={spec.p_dominant}\n")
 
 
 def read_metadata(split_dir) -> list[dict]:

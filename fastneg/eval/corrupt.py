@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from fastneg.data.imagefolder import scan_image_folder
+from fastneg.data.staging import staged_dir
 from fastneg.kernels.rng import STREAM_CORRUPT, mix, slot
 
 # A fast, representative subset of the ImageNet-C families at 32-96 px: noise, blur (2),
@@ -95,10 +95,7 @@ def corrupt_split(split_dir, out, *, corruptions=DEFAULT_CORRUPTIONS, severities
     manifest = out / "manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("key") == key:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_dir(out) as tmp:
         for name in names:
             for sev in severities:
                 for rel in {str(Path(f).parent) for f in images.files}:
@@ -111,9 +108,4 @@ def corrupt_split(split_dir, out, *, corruptions=DEFAULT_CORRUPTIONS, severities
         (tmp / "manifest.json").write_text(json.dumps(
             {"key": key, "source": str(split_dir), "corruptions": names,
              "severities": severities, "seed": seed, "images": len(images)}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
