@@ -8,7 +8,7 @@ fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
     index   IntField, the dataset index
 and a sidecar OUT.beton.json: layout version, classes, source fingerprint, the bad files.
 
-Every file is checked before writing (loaders.common.check_files); unreadable files stop the
+Every file is checked before writing (fastneg.data.files.check_files); unreadable files stop the
 conversion with their names unless skip_bad, which stores them as 1x1 placeholders with label -1
 so that sample numbers stay dataset indices. Writing runs in a process of its own
 (`convert_to_beton` starts one): FFCV's writer can deadlock on Numba's compile lock in a process
@@ -87,7 +87,7 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
                 skip_bad: bool = False, workers: int | None = None, force: bool = False) -> dict:
     """Write the .beton and its sidecar in this process (see the module docstring); returns the
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
-    from fastneg.loaders.common import available_cpus, check_files, require_readable
+    from fastneg.data.files import available_cpus, check_files, require_readable
 
     if not 1 <= max_side <= MAX_SIDE_LIMIT:
         raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")

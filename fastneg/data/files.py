@@ -1,0 +1,116 @@
+"""The pre-flight check of image files: header and end of each file, no decode.
+
+`check_files` tells, for every file of an ImageList, its size and content kind, or why no
+loader can read it; `require_readable` turns the bad ones into one error naming them. The
+loaders, `fastneg convert` and the texture bank all check files here, before any decode.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fastneg.data.imagefolder import ImageList
+
+# Content (not extension) the loaders read, with the colour modes that DALI, torchvision and
+# PIL (FFCV conversion) all decode to the same RGB pixels; checked on this machine for each.
+# MPO is PIL's name for a JPEG with extra (multi-picture) data after the first image.
+SUPPORTED_MODES = {
+    "JPEG": ("L", "RGB", "CMYK"),
+    "MPO": ("L", "RGB", "CMYK"),
+    "PNG": ("1", "L", "LA", "P", "RGB", "RGBA"),
+}
+JPEG_EOI = b"\xff\xd9"
+PNG_IEND = b"IEND\xaeB`\x82"
+TAIL_BYTES = 1024          # the JPEG end marker must lie within the file's last KiB
+
+def available_cpus() -> int:
+    """Cores this process may run on (respects taskset / container CPU sets, unlike cpu_count)."""
+    return len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """Result of check_files: sizes and content of every file, and the ones no loader can read."""
+    images: ImageList
+    heights: np.ndarray            # int64 [N], 0 for a bad file
+    widths: np.ndarray             # int64 [N], 0 for a bad file
+    jpeg_rgb: np.ndarray           # bool [N]: JPEG in L or RGB (what nvJPEG decodes on a GPU)
+    bad: tuple[tuple[int, str], ...]   # (dataset index, reason), in index order
+
+    @property
+    def good(self) -> np.ndarray:
+        """Dataset indices of the readable files, ascending."""
+        keep = np.ones(len(self.images), bool)
+        keep[[i for i, _ in self.bad]] = False
+        return np.flatnonzero(keep).astype(np.int64)
+
+    @property
+    def bad_files(self) -> tuple[tuple[str, str], ...]:
+        """(path, reason) of each file no loader can read."""
+        return tuple((str(self.images.path(i)), why) for i, why in self.bad)
+
+    def describe_bad(self, limit: int = 5) -> str:
+        lines = [f"  {self.images.path(i)}: {why}" for i, why in self.bad[:limit]]
+        if len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit} more")
+        return "\n".join(lines)
+
+
+def inspect_file(path) -> tuple[str | None, int, int, str]:
+    """(problem or None, height, width, content) of one file, from its header and last bytes."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                with Image.open(f) as im:
+                    fmt, mode, (w, h) = im.format, im.mode, im.size
+            except UnidentifiedImageError:
+                f.seek(0, os.SEEK_END)
+                if f.tell() == 0:
+                    return "empty file", 0, 0, ""
+                return "not an image (content not recognised)", 0, 0, ""
+            except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for broken headers
+                return f"broken image header ({e})", 0, 0, ""
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - TAIL_BYTES))
+            tail = f.read()
+    except OSError as e:
+        return f"cannot read ({e.strerror or e})", 0, 0, ""
+    if fmt not in SUPPORTED_MODES:
+        return (f"{fmt} content; the loaders read JPEG and PNG (by content, whatever the "
+                "extension): convert this file"), 0, 0, ""
+    if mode not in SUPPORTED_MODES[fmt]:
+        return f"{fmt} in colour mode {mode}, which the decoders do not agree on", 0, 0, ""
+    if fmt == "PNG" and not tail.endswith(PNG_IEND):
+        return "truncated PNG (no IEND chunk at the end)", 0, 0, ""
+    if fmt != "PNG" and JPEG_EOI not in tail:
+        return "truncated JPEG (no end-of-image marker)", 0, 0, ""
+    if h < 1 or w < 1:
+        return f"image of size {w}x{h}", 0, 0, ""
+    return None, h, w, f"{fmt}/{mode}"
+
+
+def check_files(images: ImageList, workers: int) -> FileCheck:
+    """Inspect every file (header + last KiB, no decode): cheap enough to run at every start."""
+    paths = [images.path(i) for i in range(len(images))]
+    with ThreadPoolExecutor(max(1, workers)) as pool:   # threads: mostly waiting on file reads
+        results = list(pool.map(inspect_file, paths, chunksize=256))
+    heights = np.array([r[1] for r in results], np.int64)
+    widths = np.array([r[2] for r in results], np.int64)
+    jpeg_rgb = np.array([r[3] in ("JPEG/L", "JPEG/RGB") for r in results], bool)
+    bad = tuple((i, r[0]) for i, r in enumerate(results) if r[0] is not None)
+    return FileCheck(images, heights, widths, jpeg_rgb, bad)
+
+
+def require_readable(check: FileCheck, skip_bad: bool) -> None:
+    """Stop before training with every bad file named, unless the caller asked to skip them."""
+    if check.bad and not skip_bad:
+        raise ValueError(f"{len(check.bad)} of {len(check.images)} files in {check.images.root} "
+                         f"cannot be loaded:\n{check.describe_bad()}\n"
+                         "fix or remove them, or leave them out with skip_bad=True "
+                         "(`fastneg convert --skip-bad` for FFCV)")
+    if len(check.bad) == len(check.images):
+        raise ValueError(f"no readable image in {check.images.root}:\n{check.describe_bad()}")
