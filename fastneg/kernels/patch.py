@@ -29,7 +29,6 @@ bit for bit.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import numba
@@ -101,7 +100,7 @@ def draw_patch_tiles(n, h, w, *, patch_range=(16, 72), seed, step=0, mode="sampl
     (d: int32 [n], corners: int32 [n, max_tiles, 2]); row k of corners[i] is (y_k, x_k) of tile k
     of the n_h x n_w grid for d[i] (rows past the grid are zero)."""
     geometry = plan((n, h, w, 1), "nhwc", patch_range, mode)
-    seed, step = _check_counter("seed", seed), _check_counter("step", step)
+    seed, step = rng.check_counter("seed", seed), rng.check_counter("step", step)
     tiles = np.zeros((n, geometry.max_tiles, 2), np.int32)
     sizes = np.empty(n, np.int32)
     _draw_all_cpu(seed, step, h, w, geometry.lo, geometry.hi, geometry.permute, tiles, sizes)
@@ -215,14 +214,6 @@ class PatchPlan(NamedTuple):
     max_tiles: int    # tiles of the largest grid (d = lo): rows of the per-sample corner table
 
 
-def _check_counter(name, value):
-    """value as an int, or ValueError unless it is an integer the RNG takes."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or not 0 <= value < 2 ** 63:
-        raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
-    return int(value)
-
-
 def plan(shape, layout, patch_range, mode):
     """PatchPlan for a 4-D `shape` in `layout`, or ValueError naming the bad argument."""
     if layout not in LAYOUTS:
@@ -288,7 +279,7 @@ def patch_negatives(x, *, layout, patch_range=(16, 72), seed, step=0, out=None, 
         raise ValueError(f"x has unsupported dtype {x.dtype}; supported: {DTYPES}")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"x must be on the CPU or a CUDA device, got {x.device}")
-    seed, step = _check_counter("seed", seed), _check_counter("step", step)
+    seed, step = rng.check_counter("seed", seed), rng.check_counter("step", step)
     src_rows = memory_rows(x, layout)
     if src_rows is None:
         raise ValueError(f"x (shape {tuple(x.shape)}, strides {x.stride()}) must be dense in "

@@ -17,8 +17,7 @@ import numba
 import numpy as np
 import torch
 
-from fastneg.data.files import (FileCheck, available_cpus, check_files, inspect_file,  # noqa: F401
-                                require_readable)
+from fastneg.data.files import FileCheck, available_cpus, check_files, require_readable
 from fastneg.data.imagefolder import scan_image_folder
 from fastneg.kernels import crop, rng
 
@@ -51,8 +50,7 @@ class LoaderConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        rng.check_counter("seed", self.seed)
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise ValueError(f"workers must be None or an integer >= 0, got {self.workers!r}")
         if self.scale is None:
