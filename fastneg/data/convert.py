@@ -88,6 +88,7 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     """Write the .beton and its sidecar in this process (see the module docstring); returns the
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
     from fastneg.data.files import available_cpus, check_files, require_readable
+    from fastneg.data.staging import swap_in, temporary_sibling
 
     if not 1 <= max_side <= MAX_SIDE_LIMIT:
         raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")
@@ -109,7 +110,7 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     from ffcv.writer import DatasetWriter
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")   # renamed when complete
+    partial = temporary_sibling(out)   # swapped in when complete
     fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_side,
                                      jpeg_quality=quality),
               "label": IntField(), "index": IntField()}
@@ -131,7 +132,7 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
             "samples": len(images), "max_side": max_side, "quality": quality,
             "bad": [[i, images.files[i], bad[i]] for i in sorted(bad)]}
     sidecar_path(out).write_text(json.dumps(info, indent=1))
-    partial.replace(out)
+    swap_in(partial, out)
     return info
 
 

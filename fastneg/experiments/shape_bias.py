@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 import fastneg
+from fastneg.data.files import available_cpus
 from fastneg.data.synthetic import SHAPES, DatasetSpec, make_dataset
 
 SPLITS = ("val", "conflict", "outline", "corrupt")
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     p.add_argument("--methods", nargs="+", default=[m.name for m in ALL_METHODS],
                    choices=[m.name for m in ALL_METHODS])
-    p.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--processes", type=int, default=available_cpus(),
                    help="training processes per run (torchrun; default: available cores)")
     return p
 
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     report = {"setup": asdict(setup), "processes": args.processes, "wall_s": wall,
               "stages_s": stages, "reused_runs": reused,
-              "python": sys.version.split()[0], "cores": len(os.sched_getaffinity(0)),
+              "python": sys.version.split()[0], "cores": available_cpus(),
               "summary": summary, "runs": results}
     (out / "shape_bias.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "shape_bias.md").write_text(markdown(summary, setup, None if reused else wall))

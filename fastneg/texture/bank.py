@@ -44,7 +44,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fastneg.data.files import available_cpus
 from fastneg.data.imagefolder import ImageList, scan_image_folder
+from fastneg.data.staging import write_bytes_atomic
 from fastneg.texture import synthesis
 
 log = logging.getLogger("fastneg.texture")
@@ -141,26 +143,11 @@ def select_rows(labels: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.n
 
 # ---------------------------------------------------------------- files
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a synced temporary file and rename, so readers see the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     import io
     buf = io.BytesIO()
     np.save(buf, array)
-    _write_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def read_index(path) -> dict:
@@ -317,7 +304,7 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
     rows = len(sources)
     if (out / INDEX_FILE).exists() and read_index(out)["complete"]:
         return BuildReport(out, rows, 0, 0.0, 0.0, 0)
-    _write_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())
+    write_bytes_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())
     _save_npy_atomic(out / ROWS_FILE, image_rows)
     _save_npy_atomic(out / SOURCES_FILE, sources)
     row_bytes = spec.size * spec.size * 3
@@ -330,7 +317,7 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
         for a in range(0, len(todo), chunk):
             r = todo[a:a + chunk]
             jobs.append((spec, r, sources[r], [images.path(int(i)) for i in sources[r]]))
-        workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(jobs) or 1))
+        workers = max(1, min(workers or available_cpus(), len(jobs) or 1))
         if workers > 1:
             _warm_up()
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
@@ -358,7 +345,7 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
     finally:
         os.close(tex_fd)
         os.close(done_fd)
-    _write_atomic(out / INDEX_FILE, json.dumps({**meta, "complete": True}, indent=1).encode())
+    write_bytes_atomic(out / INDEX_FILE, json.dumps({**meta, "complete": True}, indent=1).encode())
     (out / DONE_FILE).unlink()
     return BuildReport(out, rows, len(todo), seconds, cpu, workers)
 
