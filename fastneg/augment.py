@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from fastneg.kernels import rng
-from fastneg.kernels.augment_ops import (CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD,  # noqa: F401
-                                         LUMA, SATURATION)
+from fastneg.kernels.augment_ops import (CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, LUMA,
+                                         SATURATION)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLUR_KERNEL_FRACTION = 0.1               # kernel ~10% of the side (SimCLR / MoCo-v2: 23 at 224)
 

@@ -231,13 +231,14 @@ class MoCo(nn.Module):
         q = self.encode_query(im_q)
         self.momentum_update()
         k = self.encode_momentum(im_k, step)
-        t = torch.stack([self.encode_momentum(x, step) for x in ns], 1) if len(ns) else None
+        ns_keys = (torch.stack([self.encode_momentum(x, step) for x in ns], 1) if len(ns)
+                   else None)
         # The loss in float32 whatever autocast does around it: logits / T over K + 1 classes.
         with torch.autocast(q.device.type, enabled=False):
             # The queue is cloned: the in-place enqueue below would clash with autograd's copy.
             loss, logits = ns_contrastive_loss(
-                q.float(), k.float(), self.queue.clone(), None if t is None else t.float(),
-                T=self.T, alpha=self.alpha)
+                q.float(), k.float(), self.queue.clone(),
+                None if ns_keys is None else ns_keys.float(), T=self.T, alpha=self.alpha)
         self.dequeue_and_enqueue(k.float())
         return loss, logits
 
