@@ -332,6 +332,21 @@ def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
               flush=True)
 
 
+def step_inputs(args, procs: Processes, root: Path):
+    """make_views_and_negatives with this run's settings bound: call it with (batch, step=...).
+    Loads the texture bank for --negatives texture|both."""
+    amp_dtype = PRECISIONS[args.precision]
+    on_gpu = procs.device.type == "cuda"
+    aug = MoCoV2Augment(dtype=amp_dtype if on_gpu and amp_dtype else torch.float32)
+    bank = None
+    if args.negatives in ("texture", "both"):
+        from fastneg.texture import TextureBank
+        bank = TextureBank.load(args.texture_bank, procs.device, expect=str(root / "train"))
+    return functools.partial(make_views_and_negatives, aug=aug, seed=args.seed,
+                             rank=procs.rank, world_size=procs.world, negatives=args.negatives,
+                             patch_range=args.patch_range, textures=bank)
+
+
 def timed_batches(loader, epoch: int, skip: int):
     """(batch, data-wait seconds) for `epoch`, after its first `skip` batches (a run resumed
     mid-epoch: the loader's order is a function of the epoch). The epoch's start-up counts as
@@ -547,19 +562,8 @@ def main(argv=None):
                          f"({args.batch_size})")
     if procs.main:
         warn_if_queue_too_large(args, steps_per_epoch * args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    amp_dtype = PRECISIONS[args.precision]
-    aug = MoCoV2Augment(dtype=amp_dtype if device.type == "cuda" and amp_dtype else torch.float32)
-    bank = None
-    if args.negatives in ("texture", "both"):
-        from fastneg.texture import TextureBank
-        bank = TextureBank.load(args.texture_bank, device, expect=str(root / "train"))
-    views_and_negatives = functools.partial(
-        make_views_and_negatives, aug=aug, seed=args.seed, rank=procs.rank,
-        world_size=procs.world, negatives=args.negatives, patch_range=args.patch_range,
-        textures=bank)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    views_and_negatives = step_inputs(args, procs, root)
 
     model, train_model, optimizer, scaler, step = build_training_model(args, procs, ckpt)
 
@@ -577,6 +581,7 @@ def main(argv=None):
               f"{args.patch_range}", flush=True)
     run_log = RunLog(out, main=procs.main, device=device, batch_size=args.batch_size,
                      log_every=args.log_every, total_steps=total_steps, start_step=step)
+    amp_dtype = PRECISIONS[args.precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     # ---------------------------------------------------------------- training
