@@ -5,15 +5,15 @@
     loss, _ = model(views[0], views[1], ns=negatives, step=step)
 
 1. draws: aug.sample for every view, per (seed, step, view, sample) with sample counted over
-   the global batch (rank r owns samples r * n .. r * n + n - 1);
+   the global batch (rank r of ranks with n samples each owns samples r * n .. r * n + n - 1);
 2. aug-plus on every view (fastneg.augment);
 3. patch NS of the augmented query (fastneg.kernels.patch_negatives);
 4. texture NS: the image's own texture from a bank (fastneg.kernels.sample_textures), given the
    query's augmentation draws (its colour, grey, blur and flip).
 
 The NS kernels count samples by batch row, so they take draw_step = step * world_size + rank
-to keep ranks apart. The trainer, the benchmarks and the experiments all call this function,
-so what the benchmarks measure is the trainer's step.
+to keep ranks apart. The trainer and the benchmarks call this function, so what the benchmarks
+measure is the trainer's step.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ class LoaderConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        rng.check_counter("seed", self.seed)
+        object.__setattr__(self, "seed", rng.check_counter("seed", self.seed))
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise ValueError(f"workers must be None or an integer >= 0, got {self.workers!r}")
         if self.scale is None:
