@@ -47,7 +47,6 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +63,7 @@ from fastneg.data.synthetic import ensure_dataset  # noqa: E402
 from fastneg.kernels import patch_negatives, sample_textures  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
 from fastneg.moco import ARCHS, BN_MODES, build_model, read_checkpoint  # noqa: E402
+from fastneg import rundir  # noqa: E402
 
 NEGATIVES = ("none", "patch", "texture", "both")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -173,7 +173,10 @@ def resolve_args(parser, argv=None):
     resumed = {}
     if args.resume:
         path = Path(args.resume)
-        ckpt = read_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+        ckpt_file, note = rundir.resume_checkpoint(path)   # falls back to an epoch checkpoint
+        if note:
+            rundir.note(note)
+        ckpt = read_checkpoint(ckpt_file)
         resumed = {k: v for k, v in ckpt["args"].items() if k not in NOT_CARRIED}
         changed = [k for k in explicit if k in resumed and k not in RUN_CONTROL
                    and _plain(explicit[k]) != resumed[k]]
@@ -236,9 +239,7 @@ def learning_rate(args, step, steps_per_epoch):
 
 def save_checkpoint(state, path: Path):
     """torch.save to a temporary file, then rename: a crash never leaves a half checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    rundir.save_atomic(state, path)   # tmp removed on error; a full disk is one clear line
 
 
 def save_grid(rows, path: Path, n=8):
@@ -278,6 +279,11 @@ def main(argv=None):
                                 **({"device_id": device} if device.type == "cuda" else {}))
     main_process = rank == 0
     out = Path(args.out)
+    if main_process:   # before any work: a writable run dir that no other training uses
+        rundir.check_writable(out)
+        run_lock = rundir.hold_lock(out / rundir.LOCK_FILE, f"run directory {out}")  # noqa: F841
+        rundir.refuse_existing_run(out, resuming=ckpt is not None)
+        rundir.clean_stale_tmp(out)
 
     # ---------------------------------------------------------------- data
     if args.data is None:
@@ -296,8 +302,8 @@ def main(argv=None):
         if local_rank == 0 and not source.exists():
             # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
             print(f"converting {root / 'train'} to {source} (once)", flush=True)
-            subprocess.run([sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv",
-                            str(root / "train"), str(source)], check=True)
+            from fastneg.data.convert import convert_to_beton
+            convert_to_beton(root / "train", source)   # its own process; errors: ValueError
         if distributed:
             dist.barrier()
     per_rank = args.batch_size // world
@@ -335,11 +341,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt["step"])
+        step = rundir.restore(model, optimizer, scaler, ckpt, args.resume)
         if ckpt.get("world_size", world) != world:
             raise ValueError(f"--resume: the run used {ckpt['world_size']} processes, this one "
                              f"{world}; the per-rank draws would differ")
@@ -356,6 +358,8 @@ def main(argv=None):
     writer, log_file, log_csv = None, None, None
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            rundir.cut_log(out / "log.csv", step)   # rows after the checkpoint are redone
         new_log = not (out / "log.csv").exists()
         log_file = open(out / "log.csv", "a", newline="")
         log_csv = csv.writer(log_file)
@@ -364,7 +368,7 @@ def main(argv=None):
                               "elapsed_s"])
         try:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out))
+            writer = SummaryWriter(str(out), purge_step=step + 1 if ckpt is not None else None)
         except ImportError:
             pass
         print(f"run {out}: {args.arch} {args.size}px, global batch {args.batch_size} on {world} "
@@ -393,6 +397,7 @@ def main(argv=None):
     window_steps, window_wait = 0, 0.0
     run_steps, timed_wait, timed_time = 0, 0.0, 0.0   # timed: this run's steps after its first
     final_loss = float("nan")
+    stop = rundir.StopRequest().install()   # SIGTERM/SIGHUP, torchrun's agent gone
     start_epoch, skip = divmod(step, steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         if step >= total_steps:
@@ -473,9 +478,14 @@ def main(argv=None):
                             writer.add_scalar(tag, v, step)
                 loss_sum.zero_()
                 window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+                if stop.agreed(distributed, device):   # save a checkpoint (below) and end
+                    rundir.note(f"stopping at step {step}: {stop.reason}; the checkpoint "
+                                f"continues with --resume {out}")
+                    total_steps = step
         if main_process and step < total_steps and (step // steps_per_epoch) % args.save_every == 0:
             checkpoint()
     bar.close()
+    stop.uninstall()
 
     # ---------------------------------------------------------------- the end
     if main_process:
@@ -507,7 +517,13 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+    except rundir.UnreadableFiles as e:   # a file failed to decode mid-run
+        shown = "; ".join(f"{f}: {why}" for f, why in e.failures[:3])
+        print(f"train/moco.py: error: {len(e.failures)} file(s) passed the pre-flight check but "
+              f"failed to decode: {shown}; fix or remove them, then --resume", file=sys.stderr)
+        sys.exit(2)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
+            ImportError) as e:
         # Expected user errors (missing data, bad checkpoint or bank, absent loader): one line.
         print(f"train/moco.py: error: {e}", file=sys.stderr)
         sys.exit(2)
