@@ -231,9 +231,10 @@ def restore(model, optimizer, scaler, ckpt: dict, path) -> int:
             scaler.load_state_dict(ckpt["scaler"])
         return int(ckpt["step"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = " ".join(lines[:2])[:300] or type(e).__name__
         raise RunDirError(f"checkpoint {path} does not fit the model its args describe "
-                          f"({type(e).__name__}: {first})") from None
+                          f"({detail})") from None
 
 
 # ---------------------------------------------------------------- stopping cleanly

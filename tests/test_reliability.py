@@ -429,3 +429,138 @@ def test_killed_bank_build_leaves_no_workers_and_resumes(folder, tmp_path):
     report = build_bank(folder, out, BankSpec(size=40, exemplar=24, seed=3), workers=1,
                         resume=True, progress=False)
     assert report.rows == 8 and 0 < report.built < 8
+
+
+# ---------------------------------------------------------------- the trainer (3, 5, 7, 8, 15)
+
+TRAIN = ["--loader", "torch", "--workers", "0", "--device", "cpu", "--size", "32",
+         "--batch-size", "8", "--moco-k", "32", "--dim", "8", "--mlp-hidden", "16",
+         "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """16 images in 2 classes at 32 px: 2 steps per epoch at batch 8."""
+    root = tmp_path_factory.mktemp("train") / "data"
+    _images(root / "train" / "a", 8)
+    _images(root / "train" / "b", 8, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_moco_reliability", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+
+def _log_steps(run):
+    with open(run / "log.csv") as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh)]
+
+
+def test_trainer_run_directory_survives_kills_and_a_second_trainer(trainer, train_data, tmp_path,
+                                                                   single_process, capsys):
+    run = tmp_path / "run"
+    common = ["--data", str(train_data), *TRAIN]
+    trainer.main([*common, "--max-steps", "3", "--save-every", "1", "--out", str(run)])
+    assert (run / "checkpoint_epoch001.pt").exists() and _log_steps(run) == [1, 2, 3]
+    # What kill -9 leaves: log rows after the last checkpoint, a half-written tmp checkpoint.
+    with open(run / "log.csv", "a") as fh:
+        fh.write("4,1,1.0,0.1,1,1,1\n5,2,1.0,0.1,1,1,1\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / f".checkpoint.pt.tmp-{dead.pid}").write_bytes(b"half")
+    # A new run into it is refused; a second trainer on it names the first one's PID.
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        trainer.main([*common, "--max-steps", "3", "--out", str(run)])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "sys.path.insert(0, sys.argv[2])\n"
+                               "from fastneg.rundir import hold_lock\n"
+                               "f = hold_lock(sys.argv[1], 'x')\nprint('held', flush=True)\n"
+                               "time.sleep(600)\n", str(run / ".lock"), str(ROOT)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FileExistsError, match=f"PID {holder.pid}"):
+            trainer.main(["--resume", str(run), "--max-steps", "4"])
+    finally:
+        holder.kill()
+        holder.wait()
+    # checkpoint.pt lost: resume falls back to epoch 1 (step 2) and says so; the log is cut.
+    (run / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    trainer.main(["--resume", str(run), "--max-steps", "4"])
+    assert "resuming from checkpoint_epoch001.pt" in capsys.readouterr().err
+    assert _log_steps(run) == [1, 2, 3, 4]
+    assert not list(run.glob(".*.tmp-*")) and read_checkpoint(run / "checkpoint.pt")["step"] == 4
+    # args that do not fit the weights: one error naming the file.
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["args"]["dim"] = 12
+    torch.save(state, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint.pt does not fit the model"):
+        trainer.main(["--resume", str(run), "--max-steps", "5"])
+
+
+def test_trainer_mid_run_decode_failure_is_one_line(train_data, tmp_path, single_process,
+                                                    monkeypatch, capsys):
+    """A JPEG whose header passes the pre-flight check but whose Huffman table is bogus."""
+    import runpy
+    data = tmp_path / "data"
+    import shutil
+    shutil.copytree(train_data, data)
+    bad = bytearray((data / "train" / "a" / "0.jpg").read_bytes())
+    dht = bad.find(b"\xff\xc4")
+    bad[dht + 5:dht + 21] = b"\xff" * 16          # impossible code counts
+    (data / "train" / "a" / "0.jpg").write_bytes(bytes(bad))
+    assert inspect_file(data / "train" / "a" / "0.jpg")[0] is None
+    monkeypatch.setattr(sys, "argv", ["moco.py", "--data", str(data), *TRAIN, "--max-steps", "4",
+                                      "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = "train/moco.py: error:" + err.rpartition("train/moco.py: error:")[2]  # after the bar
+    assert last.startswith("train/moco.py: error: 1 file(s) passed the pre-flight check but "
+                           "failed to decode: ") and last.count("\n") == 1
+    assert "0.jpg" in last and "skip_bad" not in last
+
+
+@pytest.mark.slow
+def test_trainer_stops_with_a_checkpoint_when_torchrun_agent_is_killed(train_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(SCRIPT), "--data", str(train_data), *TRAIN, "--epochs", "1000",
+           "--out", str(run)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr", "w") as err:
+        agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not (
+                    (run / "log.csv").exists() and len(_log_steps(run)) >= 2):
+                assert agent.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+                time.sleep(0.2)
+            workers = _children(agent.pid)
+            assert workers
+            agent.kill()                             # kill -9 of the agent, not of the worker
+            agent.wait()
+        finally:
+            agent.kill()
+    deadline = time.monotonic() + 300
+    while not all(_gone(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(w) for w in workers), "the worker trains on as an orphan"
+    step = read_checkpoint(run / "checkpoint.pt")["step"]
+    assert 2 <= step < 2000
+    assert "torchrun's agent) is gone" in (tmp_path / "stderr").read_text()

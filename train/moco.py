@@ -177,6 +177,7 @@ def resolve_args(parser, argv=None):
         if note:
             rundir.note(note)
         ckpt = read_checkpoint(ckpt_file)
+        ckpt["file"] = str(ckpt_file)   # in memory only: error messages name it
         resumed = {k: v for k, v in ckpt["args"].items() if k not in NOT_CARRIED}
         changed = [k for k in explicit if k in resumed and k not in RUN_CONTROL
                    and _plain(explicit[k]) != resumed[k]]
@@ -341,7 +342,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     step = 0
     if ckpt is not None:
-        step = rundir.restore(model, optimizer, scaler, ckpt, args.resume)
+        step = rundir.restore(model, optimizer, scaler, ckpt, ckpt["file"])
         if ckpt.get("world_size", world) != world:
             raise ValueError(f"--resume: the run used {ckpt['world_size']} processes, this one "
                              f"{world}; the per-rank draws would differ")
