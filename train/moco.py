@@ -282,8 +282,8 @@ def main(argv=None):
     out = Path(args.out)
     if main_process:   # before any work: a writable run dir that no other training uses
         rundir.check_writable(out)
-        run_lock = rundir.hold_lock(out / rundir.LOCK_FILE, f"run directory {out}")  # noqa: F841
         rundir.refuse_existing_run(out, resuming=ckpt is not None)
+        run_lock = rundir.hold_lock(out / rundir.LOCK_FILE, f"run directory {out}")  # noqa: F841
         rundir.clean_stale_tmp(out)
 
     # ---------------------------------------------------------------- data
