@@ -537,11 +537,14 @@ def test_trainer_mid_run_decode_failure_is_one_line(train_data, tmp_path, single
 
 
 @pytest.mark.slow
-def test_trainer_stops_with_a_checkpoint_when_torchrun_agent_is_killed(train_data, tmp_path):
+def test_trainer_stops_with_a_checkpoint_when_torchrun_agent_is_killed(
+        trainer, train_data, tmp_path, single_process):
+    """A second trainer on the same --out is refused naming the first; killing the first one's
+    torchrun agent makes its worker write a checkpoint and end."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            str(SCRIPT), "--data", str(train_data), *TRAIN, "--epochs", "1000",
-           "--out", str(run)]
+           "--save-every", "1000", "--out", str(run)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "stderr", "w") as err:
         agent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
@@ -552,7 +555,11 @@ def test_trainer_stops_with_a_checkpoint_when_torchrun_agent_is_killed(train_dat
                 assert agent.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
                 time.sleep(0.2)
             workers = _children(agent.pid)
-            assert workers
+            assert len(workers) == 1
+            with pytest.raises(FileExistsError, match=f"in use by another process "
+                                                      f"\\(PID {workers[0]}\\)"):
+                trainer.main(["--data", str(train_data), *TRAIN, "--max-steps", "2",
+                              "--out", str(run)])
             agent.kill()                             # kill -9 of the agent, not of the worker
             agent.wait()
         finally:
