@@ -38,20 +38,20 @@ PNG_IEND = b"IEND\xaeB`\x82"
 TAIL_BYTES = 1024          # the JPEG end marker must lie within the file's last KiB
 
 
-def _max_pixels() -> int:
+def _max_pixels() -> tuple[int, str | None]:
+    """(limit, error): FASTNEG_MAX_PIXELS, or PIL's default with an error for a bad value."""
     text = os.environ.get("FASTNEG_MAX_PIXELS")
+    default = int(Image.MAX_IMAGE_PIXELS)
     if text is None:
-        return int(Image.MAX_IMAGE_PIXELS)
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"FASTNEG_MAX_PIXELS must be a positive integer, got {text!r}")
-    return value
+        return default, None
+    if not text.strip().isdigit() or int(text) < 1:
+        return default, f"FASTNEG_MAX_PIXELS must be a positive integer, got {text!r}"
+    return int(text), None
 
 
-MAX_PIXELS = _max_pixels()          # the largest width * height an image may have
+# The largest width * height an image may have; a bad FASTNEG_MAX_PIXELS is reported by
+# check_files (not at import, where it would be a traceback).
+MAX_PIXELS, _MAX_PIXELS_ERROR = _max_pixels()
 # PIL warns above its limit and refuses above twice it; the check refuses above MAX_PIXELS.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
@@ -117,9 +117,7 @@ def inspect_file(path) -> tuple[str | None, int, int, str]:
                 with Image.open(f) as im:
                     fmt, mode, (w, h) = im.format, im.mode, im.size
             except Image.DecompressionBombError as e:     # over twice PIL's limit: PIL refuses
-                pixels = re.search(r"\((\d+) pixels\)", str(e))
-                claimed = f"{pixels.group(1)} pixels" if pixels else "its header's size"
-                return _too_large(claimed), 0, 0, ""
+                return _too_large(_claimed_size(f, e)), 0, 0, ""
             except UnidentifiedImageError:
                 f.seek(0, os.SEEK_END)
                 if f.tell() == 0:
@@ -148,6 +146,20 @@ def inspect_file(path) -> tuple[str | None, int, int, str]:
     return None, h, w, f"{fmt}/{mode}"
 
 
+def _claimed_size(f, error) -> str:
+    """"W x H" from a PNG or JPEG header that PIL refused to open; else PIL's pixel count."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+    for plugin in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
+        f.seek(0)
+        try:
+            with plugin(f) as im:      # the plugin alone reads the header without PIL's limit
+                return f"{im.size[0]} x {im.size[1]}"
+        except Exception:   # noqa: BLE001 - not this format
+            continue
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{pixels.group(1)} pixels" if pixels else "its header's size"
+
+
 def _too_large(claimed: str) -> str:
     return (f"image too large ({claimed} > limit of {MAX_PIXELS} pixels; the environment "
             "variable FASTNEG_MAX_PIXELS sets the limit)")
@@ -155,6 +167,8 @@ def _too_large(claimed: str) -> str:
 
 def check_files(images: ImageList, workers: int) -> FileCheck:
     """Inspect every file (header + last KiB, no decode): cheap enough to run at every start."""
+    if _MAX_PIXELS_ERROR:
+        raise ValueError(_MAX_PIXELS_ERROR)
     paths = [images.path(i) for i in range(len(images))]
     with ThreadPoolExecutor(max(1, workers)) as pool:   # threads: mostly waiting on file reads
         results = list(pool.map(inspect_file, paths, chunksize=256))
