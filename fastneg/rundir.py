@@ -5,7 +5,7 @@ The trainer (train/moco.py) calls these at a few points:
     lock = hold_lock(out / LOCK_FILE, f"run directory {out}")   # rank 0, for the whole run
     refuse_existing_run(out, resuming)       # a new run never overwrites a run's checkpoints
     clean_stale_tmp(out)                     # .checkpoint*.pt.tmp-PID files of dead processes
-    path, note = resume_checkpoint(arg)      # RUN_DIR -> checkpoint.pt, or the newest epoch file
+    path, ckpt, note = resume_checkpoint(arg)   # RUN_DIR -> checkpoint.pt or newest epoch
     cut_log(out / "log.csv", step)           # on resume: no step is logged twice
     save_atomic(state, path)                 # tmp + rename; a full disk is one clear error
     restore(model, optimizer, scaler, ckpt, path)   # weights that do not fit: one clear error
@@ -130,19 +130,19 @@ def clean_stale_tmp(out) -> list[Path]:
     return removed
 
 
-def resume_checkpoint(arg) -> tuple[Path, str | None]:
-    """(checkpoint file, note) for --resume ARG: a file is itself; a run directory gives its
-    checkpoint.pt, or when that is missing or unreadable the newest epoch checkpoint that
-    reads back whole, with a note saying so. RunDirError when there is none."""
+def resume_checkpoint(arg) -> tuple[Path, dict, str | None]:
+    """(checkpoint file, its content, note) for --resume ARG: a file is itself; a run directory
+    gives its checkpoint.pt, or when that is missing or unreadable the newest epoch checkpoint
+    that reads back whole, with a note saying so. RunDirError when there is none; a file that
+    fails read_checkpoint raises its ValueError."""
     from fastneg.moco import read_checkpoint
     path = Path(arg)
     if not path.is_dir():
-        return path, None
+        return path, read_checkpoint(path), None
     latest = path / CHECKPOINT
     if latest.exists():
         try:
-            read_checkpoint(latest)
-            return latest, None
+            return latest, read_checkpoint(latest), None
         except ValueError as e:
             why = f"{latest} cannot be used ({e})"
     else:
@@ -151,10 +151,10 @@ def resume_checkpoint(arg) -> tuple[Path, str | None]:
                     if (m := EPOCH_CHECKPOINT.fullmatch(p.name)))
     for _, p in reversed(epochs):
         try:
-            read_checkpoint(p)
+            ckpt = read_checkpoint(p)
         except ValueError:
             continue
-        return p, f"{why}; resuming from {p.name}, the newest complete epoch checkpoint"
+        return p, ckpt, f"{why}; resuming from {p.name}, the newest complete epoch checkpoint"
     raise RunDirError(f"--resume {path}: {why} and no complete checkpoint_epochNNN.pt is there")
 
 

@@ -334,8 +334,8 @@ def test_resume_falls_back_to_the_newest_complete_epoch_checkpoint(tmp_path):
     _checkpoint(tmp_path / "checkpoint_epoch001.pt", step=5)
     _checkpoint(tmp_path / "checkpoint_epoch002.pt", step=10)
     (tmp_path / "checkpoint_epoch003.pt").write_bytes(b"PK\x03\x04 cut short")
-    path, note = rundir.resume_checkpoint(tmp_path)
-    assert path.name == "checkpoint_epoch002.pt"
+    path, ckpt, note = rundir.resume_checkpoint(tmp_path)
+    assert path.name == "checkpoint_epoch002.pt" and ckpt["step"] == 10
     assert "checkpoint.pt does not exist; resuming from checkpoint_epoch002.pt" in note
     assert rundir.resume_checkpoint(tmp_path / "checkpoint_epoch001.pt")[0].name.endswith("001.pt")
     for p in tmp_path.iterdir():

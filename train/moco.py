@@ -62,7 +62,7 @@ from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: 
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
 from fastneg.kernels import patch_negatives, sample_textures  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
-from fastneg.moco import ARCHS, BN_MODES, build_model, read_checkpoint  # noqa: E402
+from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
 from fastneg import rundir  # noqa: E402
 
 NEGATIVES = ("none", "patch", "texture", "both")
@@ -173,10 +173,9 @@ def resolve_args(parser, argv=None):
     resumed = {}
     if args.resume:
         path = Path(args.resume)
-        ckpt_file, note = rundir.resume_checkpoint(path)   # falls back to an epoch checkpoint
+        ckpt_file, ckpt, note = rundir.resume_checkpoint(path)   # or an epoch checkpoint
         if note:
             rundir.note(note)
-        ckpt = read_checkpoint(ckpt_file)
         ckpt["file"] = str(ckpt_file)   # in memory only: error messages name it
         resumed = {k: v for k, v in ckpt["args"].items() if k not in NOT_CARRIED}
         changed = [k for k in explicit if k in resumed and k not in RUN_CONTROL
