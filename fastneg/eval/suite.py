@@ -117,10 +117,11 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
     if not splits:
         raise ValueError(f"nothing to score in {root}: it holds train/ only; add an evaluation "
                          f"split ({root}/val/<class>/<image>) or --ood NAME=DIR")
-    # Every split's files are checked before any feature is computed: a bad file costs nothing.
+    # Every split's files are checked before any feature is computed: a bad file costs nothing
+    # (train's are checked by its feature loader, the first thing to run).
     train = scan_image_folder(root / "train")
     listings = {name: scan_image_folder(path) for name, path in splits.items()}
-    for images in (train, *listings.values()):
+    for images in listings.values():
         require_readable(check_files(images, available_cpus()), skip_bad=False)
     if corruptions and "val" in splits:   # written (once) before the features, too
         _write_corruptions(splits["val"], corrupt_dir or root / ".fastneg-corrupt" / "val",
