@@ -571,3 +571,17 @@ def test_trainer_stops_with_a_checkpoint_when_torchrun_agent_is_killed(
     step = read_checkpoint(run / "checkpoint.pt")["step"]
     assert 2 <= step < 2000
     assert "torchrun's agent) is gone" in (tmp_path / "stderr").read_text()
+
+
+def test_trainer_ffcv_conversion_failure_is_one_error(trainer, train_data, tmp_path,
+                                                      single_process):
+    """--loader ffcv converts on first use; a failing conversion is a ValueError (one line from
+    the script), and leaves no .beton.partial in the data folder."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(train_data, data)
+    (data / "train" / "a" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="conversion of .* failed"):
+        trainer.main(["--data", str(data), *TRAIN, "--loader", "ffcv", "--max-steps", "1",
+                      "--out", str(tmp_path / "run")])
+    assert not list(data.glob("*.partial")) and not (data / "train.beton").exists()
