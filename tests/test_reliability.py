@@ -469,6 +469,7 @@ def _log_steps(run):
         return [int(r["step"]) for r in csv.DictReader(fh)]
 
 
+@pytest.mark.slow
 def test_trainer_run_directory_survives_kills_and_a_second_trainer(trainer, train_data, tmp_path,
                                                                    single_process, capsys):
     run = tmp_path / "run"
@@ -512,6 +513,7 @@ def test_trainer_run_directory_survives_kills_and_a_second_trainer(trainer, trai
         trainer.main(["--resume", str(run), "--max-steps", "5"])
 
 
+@pytest.mark.slow
 def test_trainer_mid_run_decode_failure_is_one_line(train_data, tmp_path, single_process,
                                                     monkeypatch, capsys):
     """A JPEG whose header passes the pre-flight check but whose Huffman table is bogus."""
@@ -573,6 +575,7 @@ def test_trainer_stops_with_a_checkpoint_when_torchrun_agent_is_killed(
     assert "torchrun's agent) is gone" in (tmp_path / "stderr").read_text()
 
 
+@pytest.mark.slow
 def test_trainer_ffcv_conversion_failure_is_one_error(trainer, train_data, tmp_path,
                                                       single_process):
     """--loader ffcv converts on first use; a failing conversion is a ValueError (one line from
