@@ -49,7 +49,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,10 +63,10 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: E402
 from fastneg.data.files import available_cpus  # noqa: E402
-from fastneg.data.staging import atomic_file  # noqa: E402
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
-from fastneg.moco import ARCHS, BN_MODES, build_model, read_checkpoint  # noqa: E402
+from fastneg import rundir  # noqa: E402
+from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
 from fastneg.step import NEGATIVES, make_views_and_negatives, scaled_patch_range  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,7 +178,10 @@ def resolve_args(parser, argv=None):
     resumed = {}
     if args.resume:
         path = Path(args.resume)
-        ckpt = read_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+        ckpt_file, ckpt, note = rundir.resume_checkpoint(path)   # or an epoch checkpoint
+        if note:
+            rundir.note(note)
+        ckpt["file"] = str(ckpt_file)   # in memory only: error messages name it
         resumed = {k: v for k, v in ckpt["args"].items() if k not in NOT_CARRIED}
         changed = [k for k in explicit if k in resumed and k not in RUN_CONTROL
                    and as_saved(explicit[k]) != resumed[k]]
@@ -306,8 +308,8 @@ def loader_source(args, procs: Processes, root: Path) -> Path:
     if procs.local_rank == 0 and not beton.exists():
         # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
         print(f"converting {root / 'train'} to {beton} (once)", flush=True)
-        subprocess.run([sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv",
-                        str(root / "train"), str(beton)], check=True)
+        from fastneg.data.convert import convert_to_beton
+        convert_to_beton(root / "train", beton)   # its own process; errors: ValueError
     if procs.distributed:
         dist.barrier()
     return beton
@@ -381,11 +383,7 @@ def build_training_model(args, procs: Processes, ckpt):
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt["step"])
+        step = rundir.restore(model, optimizer, scaler, ckpt, ckpt["file"])
         if ckpt.get("world_size", world) != world:
             raise ValueError(f"--resume: the run used {ckpt['world_size']} processes, this one "
                              f"{world}; the per-rank draws would differ")
@@ -430,9 +428,9 @@ def save_checkpoint(state, step, *, out: Path, steps_per_epoch: int, save_every:
 
 
 def write_checkpoint(state, path: Path) -> None:
-    """torch.save to `path` atomically: a crash never leaves a half checkpoint."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save to `path` atomically: a crash never leaves a half checkpoint, a failed write
+    leaves no temporary file, and a full disk is one clear line."""
+    rundir.save_atomic(state, path)
 
 
 def save_grid(rows, path: Path, n=8):
@@ -467,15 +465,18 @@ class RunLog:
     start-up), for summary.json."""
 
     def __init__(self, out: Path, *, main: bool, device, batch_size: int, log_every: int,
-                 total_steps: int, start_step: int):
+                 total_steps: int, start_step: int, resumed: bool = False):
         from tqdm import tqdm
         self.batch_size, self.log_every, self.total_steps = batch_size, log_every, total_steps
         self.csv_file = self.csv = self.tensorboard = None
         if main:
+            if resumed:   # rows after the checkpoint are redone: cut them
+                rundir.cut_log(out / "log.csv", start_step)
             self.csv_file, self.csv = open_csv_log(out)
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(out))
+                self.tensorboard = SummaryWriter(
+                    str(out), purge_step=start_step + 1 if resumed else None)
             except ImportError:
                 pass
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not main, unit="step",
@@ -553,6 +554,11 @@ def main(argv=None):
     args, ckpt = resolve_args(parser, argv)
     procs = setup_processes(parser, args)
     device, out = procs.device, Path(args.out)
+    if procs.main:   # before any work: a writable run dir that no other training uses
+        rundir.check_writable(out)
+        rundir.refuse_existing_run(out, resuming=ckpt is not None)
+        run_lock = rundir.hold_lock(out / rundir.LOCK_FILE, f"run directory {out}")  # noqa: F841
+        rundir.clean_stale_tmp(out)
 
     root = dataset_root(args, procs)
     loader = build_training_loader(args, procs, loader_source(args, procs, root))
@@ -580,7 +586,9 @@ def main(argv=None):
               f"loader {args.loader}, negatives {args.negatives}, patch range "
               f"{args.patch_range}", flush=True)
     run_log = RunLog(out, main=procs.main, device=device, batch_size=args.batch_size,
-                     log_every=args.log_every, total_steps=total_steps, start_step=step)
+                     log_every=args.log_every, total_steps=total_steps, start_step=step,
+                     resumed=ckpt is not None)
+    stop = rundir.StopRequest().install()   # SIGTERM/SIGHUP, or torchrun's agent gone
     amp_dtype = PRECISIONS[args.precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
@@ -602,9 +610,15 @@ def main(argv=None):
             scaler.update()
             step += 1
             run_log.step_done(step, epoch, loss, data_wait, optimizer.param_groups[0]["lr"])
+            if step % args.log_every == 0 and stop.agreed(procs.distributed, device):
+                rundir.note(f"stopping at step {step}: {stop.reason}; the checkpoint "
+                            f"continues with --resume {out}")
+                total_steps = step   # save a checkpoint (below) and end
+                break
         if procs.main and step < total_steps and (step // steps_per_epoch) % args.save_every == 0:
             checkpoint(step)
     run_log.close()
+    stop.uninstall()
 
     # ---------------------------------------------------------------- the end
     summary = None
@@ -626,7 +640,13 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+    except rundir.UnreadableFiles as e:   # a file failed to decode mid-run
+        shown = "; ".join(f"{f}: {why}" for f, why in e.failures[:3])
+        print(f"train/moco.py: error: {len(e.failures)} file(s) passed the pre-flight check but "
+              f"failed to decode: {shown}; fix or remove them, then --resume", file=sys.stderr)
+        sys.exit(2)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
+            ImportError) as e:
         # Expected user errors (missing data, bad checkpoint or bank, absent loader): one line.
         print(f"train/moco.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,9 @@ fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
     label   IntField, the class index; -1 marks a file that could not be decoded
     index   IntField, the dataset index
 and a sidecar OUT.beton.json: layout version, classes, source fingerprint, the bad files.
+File and class names are stored as Python reads them from the file system: a name that is not
+valid UTF-8 keeps its raw bytes as escaped surrogates ("\udcff"), so
+os.fsencode(json.loads(sidecar)["bad"][k][1]) gives back the exact bytes of the name.
 
 Every file is checked before writing (fastneg.data.files.check_files); unreadable files stop the
 conversion with their names unless skip_bad, which stores them as 1x1 placeholders with label -1
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,17 +104,34 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     workers = workers or available_cpus()
+    _check_writable(out.parent)     # before minutes of work, not after
     images = scan_image_folder(src)
     check = check_files(images, workers)
     require_readable(check, skip_bad)
     bad = dict(check.bad)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = temporary_sibling(out)   # swapped in when complete
+    try:
+        return _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad)
+    finally:
+        partial.unlink(missing_ok=True)    # after any error: no half-written file is left
 
+
+def _check_writable(folder: Path) -> None:
+    """A one-line error now for an output folder this process cannot write to."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent          # the folder will be created: its first existing parent
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"cannot write to {probe} (read-only or not yours): choose "
+                              "another output file")
+
+
+def _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad) -> dict:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = temporary_sibling(out)   # swapped in when complete
     fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_side,
                                      jpeg_quality=quality),
               "label": IntField(), "index": IntField()}
@@ -123,7 +144,6 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
         if i not in bad:
             bad[i] = _decode_problem(images.path(i))
     if len(bad) > len(check.bad) and not skip_bad:
-        partial.unlink()
         new = [f"  {images.path(i)}: {bad[i]}" for i in sorted(set(bad) - dict(check.bad).keys())]
         raise ValueError(f"{len(new)} file(s) in {images.root} cannot be decoded:\n"
                          + "\n".join(new[:5]) + "\nfix or remove them, or pass --skip-bad")

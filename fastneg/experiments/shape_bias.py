@@ -187,6 +187,9 @@ def run_job(job: Job) -> dict:
     """Run the job's commands in order; its timings. Output goes to RUN/experiment.log."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "job.json").unlink(missing_ok=True)
+    # A job that is not done starts again: the trainer refuses a new run over old checkpoints.
+    for old in [*job.run_dir.glob("checkpoint*.pt"), job.run_dir / "log.csv"]:
+        old.unlink(missing_ok=True)
     seconds = []
     with open(job.run_dir / "experiment.log", "w") as log:
         for cmd in job.commands:

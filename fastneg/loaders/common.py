@@ -17,7 +17,8 @@ import numba
 import numpy as np
 import torch
 
-from fastneg.data.files import FileCheck, available_cpus, check_files, require_readable
+from fastneg.data.files import (FileCheck, UnreadableFiles, available_cpus,  # noqa: F401
+                                check_files, inspect_file, require_readable)
 from fastneg.data.imagefolder import scan_image_folder
 from fastneg.kernels import crop, rng
 
@@ -208,9 +209,9 @@ class LoaderBase:
         """Decode failures of one batch: counted when skip_bad, else an error naming them."""
         if not self.cfg.skip_bad:
             listed = "\n".join(f"  {f}: {why}" for f, why in failures)
-            raise RuntimeError(f"{self.kind} loader: file(s) that passed the pre-flight check "
-                               f"failed to decode:\n{listed}\nfix or remove them, or pass "
-                               "skip_bad=True")
+            raise UnreadableFiles(f"{self.kind} loader: file(s) that passed the pre-flight "
+                                  f"check failed to decode:\n{listed}\nfix or remove them, or "
+                                  "pass skip_bad=True", failures)
         self.bad_files += [f for f in failures if f not in self.bad_files]
 
     def __iter__(self):

@@ -28,12 +28,13 @@ resumed or parallel build writes the same bytes as a serial one.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from contextlib import nullcontext
@@ -44,9 +45,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from fastneg.data.files import available_cpus
+from fastneg.data.files import available_cpus, inspect_file
 from fastneg.data.imagefolder import ImageList, scan_image_folder
 from fastneg.data.staging import write_bytes_atomic
+from fastneg.rundir import hold_lock
 from fastneg.texture import synthesis
 
 log = logging.getLogger("fastneg.texture")
@@ -166,7 +168,19 @@ def read_index(path) -> dict:
     if meta.get("version") != VERSION:
         raise ValueError(f"{index} has version {meta.get('version')}; this fastneg reads "
                          f"version {VERSION}: rebuild the bank")
+    for key, kind in INDEX_KEYS.items():
+        if key not in meta:
+            raise ValueError(f"{index} lacks the key {key!r}: the bank is damaged; rebuild it "
+                             "with --force")
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            raise ValueError(f"{index}: {key!r} is {meta[key]!r}, not a {kind.__name__}: the "
+                             "bank is damaged; rebuild it with --force")
     return meta
+
+
+# keys of index.json that loading and resuming rely on, with their types
+INDEX_KEYS = {"complete": bool, "rows": int, "images": int, "size": int, "fingerprint": str,
+              "source_root": str}
 
 
 def _open_sized(path: Path, nbytes: int) -> int:
@@ -179,7 +193,23 @@ def _open_sized(path: Path, nbytes: int) -> int:
 
 # ---------------------------------------------------------------- workers
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: the kernel kills this worker when the builder process dies
+    (Linux prctl PR_SET_PDEATHSIG), so a killed build leaves no workers behind."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)     # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                    # not Linux: the check below only
+        pass
+    if os.getppid() != parent:     # the builder died before the prctl took effect
+        os._exit(1)
+
+
 def _load_rgb(path: Path) -> np.ndarray:
+    problem = inspect_file(path)[0]   # no FIFO read, no decompression bomb
+    if problem is not None:
+        raise ValueError(f"cannot read image {path}: {problem}")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
@@ -282,12 +312,8 @@ def build_bank(data, out, spec: BankSpec = BankSpec(), *, workers: int | None = 
     out = Path(out)
     _check_out(out, meta, resume, force)
     out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / LOCK_FILE, "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise FileExistsError(f"texture bank {out} is being written by another process") from None
+    # A lock held by a live build names its PID; one left by a killed build is taken over.
+    lock = hold_lock(out / LOCK_FILE, f"texture bank {out} (being written)")
     try:
         if force:      # only once the lock says no other build is using these files
             for name in BANK_FILES:
@@ -320,7 +346,10 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
         workers = max(1, min(workers or available_cpus(), len(jobs) or 1))
         if workers > 1:
             _warm_up()
-        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        # fork: the workers inherit the compiled kernels (_warm_up); they die with this process.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with_parent,
+                                   initargs=(os.getpid(),)) if workers > 1 else None
         bar = _Progress(total=rows, initial=rows - len(todo), disable=not progress, unit="tex",
                    desc=f"build-bank {out.name}", smoothing=0.1)
         t0 = time.perf_counter()
