@@ -301,9 +301,16 @@ def main(argv=None):
         if distributed:
             dist.barrier()
     per_rank = args.batch_size // world
+    # A JPEG bank is read by the loader (Batch.textures); a raw one is loaded whole below.
+    loader_bank = None
+    if args.negatives in ("texture", "both"):
+        from fastneg.texture.bank import read_index, storage_of
+        if storage_of(read_index(args.texture_bank)) == "jpeg":
+            loader_bank = args.texture_bank
     loader = build_loader(args.loader, str(source), batch_size=per_rank, views=2, size=args.size,
                           scale=tuple(args.crop_scale), device=str(device), rank=rank, world_size=world, seed=args.seed,
-                          workers=args.workers, drop_last=True, shuffle=True)
+                          workers=args.workers, drop_last=True, shuffle=True,
+                          texture_bank=loader_bank)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError(f"{source} has fewer images than one global batch ({args.batch_size})")
@@ -321,7 +328,7 @@ def main(argv=None):
     amp_dtype = PRECISIONS[args.precision]
     aug = MoCoV2Augment(dtype=amp_dtype if device.type == "cuda" and amp_dtype else torch.float32)
     bank = None
-    if args.negatives in ("texture", "both"):
+    if args.negatives in ("texture", "both") and loader_bank is None:
         from fastneg.texture import TextureBank
         bank = TextureBank.load(args.texture_bank, device, expect=str(root / "train"))
 
@@ -425,7 +432,10 @@ def main(argv=None):
                 ns.append(patch_negatives(views[0], layout="nchw",
                                           patch_range=tuple(args.patch_range), seed=args.seed,
                                           step=draw_step))
-            if bank is not None:
+            if batch.textures is not None:
+                # Cropped and flipped by the loader, per (seed, epoch, dataset index).
+                ns.append(aug.apply(batch.textures, params[0]))
+            elif bank is not None:
                 # Rows come from the bank's own map, so the id range check (a host sync on
                 # CUDA) is left out there.
                 tex = sample_textures(*bank.for_batch(batch.indices), size=args.size,
