@@ -216,3 +216,88 @@ def test_device_path_on_gpu_matches_the_cpu_path(data):
         assert torch.equal(a.indices, b.indices.cpu())
         for va, vb in zip(a.views + (a.textures,), b.views + (b.textures,)):
             assert (va.float() - vb.cpu().float()).abs().mean() <= 2.0
+
+
+# ---------------------------------------------------------------- DALI: one pipeline per loader
+
+@pytest.mark.skipif("dali" not in available_kinds(), reason="dali missing")
+def test_dali_builds_its_pipeline_once(data):
+    loader = build_loader("dali", data.train, batch_size=BS, size=SIZE, device="cpu", seed=SEED,
+                          workers=1, drop_last=False)
+    for epoch in (0, 5, 1):               # any epoch order, as after a resume
+        loader.set_epoch(epoch)
+        got = [i for b in loader for i in b.indices.tolist()]
+        assert got == loader.samples(epoch).tolist()
+    assert loader.builds == 1
+    # An epoch left early: DALI cannot reset mid-epoch, so the next one rebuilds, correctly.
+    loader.set_epoch(2)
+    it = iter(loader)
+    next(it)
+    it.close()
+    loader.set_epoch(3)
+    assert [i for b in loader for i in b.indices.tolist()] == loader.samples(3).tolist()
+    assert loader.builds == 2
+
+
+def test_default_workers_share_the_cores_between_local_ranks(monkeypatch):
+    from fastneg.loaders import common
+
+    monkeypatch.setattr(common, "available_cpus", lambda: 192)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert common.default_workers() == common.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(common, "available_cpus", lambda: 40)
+    assert common.default_workers() == 5
+    monkeypatch.setattr(common, "available_cpus", lambda: 2)
+    assert common.default_workers() == 1
+    assert LoaderConfig(batch_size=2).workers == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert common.default_workers() == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["dali", "ffcv"])
+def test_gpu_loaders_give_textures_on_the_device(data, kind):
+    if kind not in available_kinds():
+        pytest.skip(f"{kind} missing")
+    source = data.beton if kind == "ffcv" else data.train
+    cfg = dict(batch_size=BS, size=SIZE, seed=SEED, drop_last=False, texture_bank=data.bank)
+    cpu = build_loader(kind, source, device="cpu", **cfg)
+    gpu = build_loader(kind, source, device="cuda", **cfg)
+    for epoch in (0, 1):                  # two epochs: one pipeline, FFCV slots reused
+        cpu.set_epoch(epoch)
+        gpu.set_epoch(epoch)
+        for a, b in zip(cpu, gpu):
+            assert b.indices.is_cuda and b.labels.is_cuda and b.textures.is_cuda
+            assert torch.equal(a.indices, b.indices.cpu())
+            assert torch.equal(a.labels, b.labels.cpu())
+            assert (a.textures.float() - b.textures.cpu().float()).abs().mean() <= 3.0
+
+
+def test_trainer_texture_negatives_come_from_the_loader(data, tmp_path, monkeypatch):
+    """train/moco.py with a JPEG bank: the loader's textures feed the texture NS."""
+    import importlib.util
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    script = Path(__file__).resolve().parents[1] / "train" / "moco.py"
+    spec = importlib.util.spec_from_file_location("train_moco_textures", script)
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    import fastneg.texture as texture_pkg
+    monkeypatch.setattr(texture_pkg.TextureBank, "load", None)   # must not be used
+    seen = []
+    original = build_loader
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("texture_bank"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_loader", spy)
+    out = tmp_path / "run"
+    trainer.main(["--data", str(data.train.parent), "--loader", "torch", "--negatives", "texture",
+                  "--texture-bank", str(data.bank), "--max-steps", "2", "--device", "cpu",
+                  "--workers", "0", "--out", str(out), "--size", "32", "--batch-size", "8",
+                  "--moco-k", "16", "--dim", "16", "--mlp-hidden", "32", "--log-every", "1"])
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    assert seen == [str(data.bank)]
+    assert (out / "batch.png").exists()
