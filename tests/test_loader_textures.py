@@ -301,3 +301,21 @@ def test_trainer_texture_negatives_come_from_the_loader(data, tmp_path, monkeypa
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     assert seen == [str(data.bank)]
     assert (out / "batch.png").exists()
+
+
+def test_batched_crops_in_size_groups(monkeypatch):
+    """A memory budget smaller than the batch splits it into groups; same crops, same order."""
+    from fastneg.loaders import torch_loader
+
+    g = np.random.default_rng(1)
+    shapes = [(300, 200), (20, 30), (64, 64), (25, 18), (150, 220)]
+    images = [torch.from_numpy(g.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in shapes]
+    boxes = [np.array([(0, 0, h, w) for h, w in shapes], np.int64),
+             np.array([(h // 4, w // 4, h // 2, w // 2) for h, w in shapes], np.int64)]
+    flips = np.array([1, 0, 0, 1, 0], bool)
+    whole = resized_crops(images, boxes, 24, flips)
+    monkeypatch.setattr(torch_loader, "CROP_BUDGET", 12 * 64 * 64 * 2)
+    assert torch.equal(resized_crops(images, boxes, 24, flips), whole)
+    want = torch.empty((1, len(images), 24, 24, 3), dtype=torch.uint8)
+    _crop_into(want, images, boxes[1:], 24, flips)
+    assert (whole[1].int() - want[0].int()).abs().max() <= 1

@@ -290,23 +290,25 @@ def main(argv=None):
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"--data {root}: training folder {root / 'train'} not found "
                                 "(expected ROOT/train/<class>/<image>)")
-    source = root / "train"
-    if args.loader == "ffcv":
-        source = root / "train.beton"
-        if local_rank == 0 and not source.exists():
-            # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
-            print(f"converting {root / 'train'} to {source} (once)", flush=True)
-            subprocess.run([sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv",
-                            str(root / "train"), str(source)], check=True)
-        if distributed:
-            dist.barrier()
-    per_rank = args.batch_size // world
     # A JPEG bank is read by the loader (Batch.textures); a raw one is loaded whole below.
     loader_bank = None
     if args.negatives in ("texture", "both"):
         from fastneg.texture.bank import read_index, storage_of
         if storage_of(read_index(args.texture_bank)) == "jpeg":
             loader_bank = args.texture_bank
+    source = root / "train"
+    if args.loader == "ffcv":
+        source = root / ("train.textures.beton" if loader_bank else "train.beton")
+        if local_rank == 0 and not source.exists():
+            # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
+            print(f"converting {root / 'train'} to {source} (once)", flush=True)
+            subprocess.run([sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv",
+                            str(root / "train"), str(source)]
+                           + (["--texture-bank", str(loader_bank)] if loader_bank else []),
+                           check=True)
+        if distributed:
+            dist.barrier()
+    per_rank = args.batch_size // world
     loader = build_loader(args.loader, str(source), batch_size=per_rank, views=2, size=args.size,
                           scale=tuple(args.crop_scale), device=str(device), rank=rank, world_size=world, seed=args.seed,
                           workers=args.workers, drop_last=True, shuffle=True,

@@ -97,6 +97,9 @@ def _dense(idx, w, extent, device):
     return m.scatter_add_(2, torch.from_numpy(idx).to(device), torch.from_numpy(w).to(device))
 
 
+CROP_BUDGET = 512 << 20   # bytes of float pixels per padded group in resized_crops
+
+
 def resized_crops(images: list[torch.Tensor], boxes: list[np.ndarray], size: int,
                   flips: np.ndarray | None = None) -> torch.Tensor:
     """uint8 [V, N, size, size, 3]: every view of every image, cropped and resized in one go.
@@ -104,29 +107,51 @@ def resized_crops(images: list[torch.Tensor], boxes: list[np.ndarray], size: int
     images: N uint8 [3, H_k, W_k] on one device; boxes: V int64 [N, 4] (top, left, height,
     width); flips (optional, bool [N]): mirror the output left-right. The resize is the
     antialiased bilinear filter of torchvision's resized_crop (to within one level of rounding)
-    written as two batched matrix products over the zero-padded batch: rows = Y_k @ image_k @
-    X_k^T, so a batch costs a fixed handful of kernels, not 2N resizes. On a GPU the products
-    run in float32, or TF32 when torch.backends.cuda.matmul.allow_tf32 is set (within a level).
+    written as two batched matrix products over the zero-padded images: view = Y_k @ image_k @
+    X_k^T, so a batch costs a fixed handful of kernels, not 2N resizes. Images are padded in
+    groups of similar size (each group's float pixels within CROP_BUDGET), so one large photo
+    does not pad the whole batch to its size. On a GPU the products run in float32, or TF32 when
+    torch.backends.cuda.matmul.allow_tf32 is set (within a level).
     """
     device = images[0].device
     n, views = len(images), len(boxes)
-    h_max = max(int(img.shape[1]) for img in images)
-    w_max = max(int(img.shape[2]) for img in images)
+    out = torch.empty((views, n, size, size, 3), dtype=torch.uint8, device=device)
+    flips = np.zeros(n, bool) if flips is None else np.asarray(flips, bool)
+    areas = np.array([int(img.shape[1]) * int(img.shape[2]) for img in images])
+    group: list[int] = []
+    h_max = w_max = 0
+    for k in np.argsort(areas, kind="stable").tolist():
+        h, w = int(images[k].shape[1]), int(images[k].shape[2])
+        h2, w2 = max(h_max, h), max(w_max, w)
+        if group and (len(group) + 1) * 12 * h2 * w2 > CROP_BUDGET:
+            _crops_of_group(images, boxes, size, flips, group, h_max, w_max, out)
+            group, h2, w2 = [], h, w
+        group.append(k)
+        h_max, w_max = h2, w2
+    _crops_of_group(images, boxes, size, flips, group, h_max, w_max, out)
+    return out
+
+
+def _crops_of_group(images, boxes, size, flips, group, h_max, w_max, out) -> None:
+    """out[:, group] = the crops of images[group], padded to h_max x w_max (resized_crops)."""
+    device = out.device
+    n, views = len(group), len(boxes)
     padded = torch.zeros((n, 3, h_max, w_max), dtype=torch.uint8, device=device)
-    for k, img in enumerate(images):
-        padded[k, :, :img.shape[1], :img.shape[2]] = img
-    all_boxes = np.concatenate(boxes).astype(np.int64)        # [V * N, 4], view-major
+    for j, k in enumerate(group):
+        padded[j, :, :images[k].shape[1], :images[k].shape[2]] = images[k]
+    all_boxes = np.concatenate([b[group] for b in boxes]).astype(np.int64)   # view-major
     yi, yw = _filter_taps(all_boxes[:, 0], all_boxes[:, 2], size)
     xi, xw = _filter_taps(all_boxes[:, 1], all_boxes[:, 3], size)
-    if flips is not None:
-        flip = np.tile(np.asarray(flips, bool), views)
-        xi[flip], xw[flip] = xi[flip, ::-1], xw[flip, ::-1]
+    flip = np.tile(flips[group], views)
+    xi[flip], xw[flip] = xi[flip, ::-1], xw[flip, ::-1]
     rows = _dense(yi, yw, h_max, device).view(views, n, 1, size, h_max)
     cols = _dense(xi, xw, w_max, device).view(views, n, 1, size, w_max)
-    pixels = padded.float().unsqueeze(0)                      # [1, N, 3, H, W]
-    out = torch.matmul(torch.matmul(rows, pixels), cols.transpose(-1, -2))  # [V, N, 3, s, s]
-    out = out.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)
-    return out.permute(0, 1, 3, 4, 2).contiguous()
+    pixels = padded.float().unsqueeze(0)                      # [1, n, 3, H, W]
+    crops = torch.matmul(torch.matmul(rows, pixels), cols.transpose(-1, -2))  # [V, n, 3, s, s]
+    crops = crops.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
+    index = torch.as_tensor(group, device=device)
+    for v in range(views):
+        out[v].index_copy_(0, index, crops[v])
 
 
 # ----------------------------------------------------------------- background prefetch
