@@ -200,7 +200,7 @@ def test_jpeg_bank_round_trip(bank, jpeg_bank):
         assert enc[:2].tolist() == [0xFF, 0xD8] and enc[-2:].tolist() == [0xFF, 0xD9]
         got = reader.pixels(r).astype(np.int16)
         assert got.shape == raw[r].shape
-        assert np.abs(got - raw[r]).mean() < 6.0   # JPEG q90 error (~4 on these busy 40 px textures)
+        assert np.abs(got - raw[r]).mean() < 6.0   # JPEG q90: ~4 on these busy 40 px textures
     # A raw bank reads the same through the reader, exactly.
     np.testing.assert_array_equal(BankReader(bank).pixels(7), raw[7])
     tb = TextureBank.load(jpeg_bank, "cpu")
