@@ -79,6 +79,7 @@ def test_texture_params_are_sample_textures_draws():
         np.testing.assert_array_equal(texture_params(SEED, epoch, idx, BANK_SIZE), want)
 
 
+@pytest.mark.slow
 @per_kind
 def test_texture_negatives_through_each_loader(data, kind):
     source = data.train
@@ -120,6 +121,7 @@ def test_a_raw_bank_is_refused_by_the_loaders(data, tmp_path):
 
 # ---------------------------------------------------------------- the torch device path on CPU
 
+@pytest.mark.slow
 def test_device_path_on_cpu_equals_the_worker_path(data):
     cfg = LoaderConfig(batch_size=BS, size=SIZE, device="cpu", seed=SEED, workers=1,
                        drop_last=False, texture_bank=str(data.bank), views=3)
@@ -220,6 +222,7 @@ def test_device_path_on_gpu_matches_the_cpu_path(data):
 
 # ---------------------------------------------------------------- DALI: one pipeline per loader
 
+@pytest.mark.slow
 @pytest.mark.skipif("dali" not in available_kinds(), reason="dali missing")
 def test_dali_builds_its_pipeline_once(data):
     loader = build_loader("dali", data.train, batch_size=BS, size=SIZE, device="cpu", seed=SEED,
@@ -273,6 +276,7 @@ def test_gpu_loaders_give_textures_on_the_device(data, kind):
             assert (a.textures.float() - b.textures.cpu().float()).abs().mean() <= 3.0
 
 
+@pytest.mark.slow
 def test_trainer_texture_negatives_come_from_the_loader(data, tmp_path, monkeypatch):
     """train/moco.py with a JPEG bank: the loader's textures feed the texture NS."""
     import importlib.util
