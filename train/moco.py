@@ -300,16 +300,27 @@ def dataset_root(args, procs: Processes) -> Path:
     return root
 
 
+def loader_texture_bank(args) -> str | None:
+    """The --texture-bank the loader reads (Batch.textures): a JPEG bank is fetched per batch
+    like the images; a raw one is loaded whole by step_inputs instead. None without one."""
+    if args.negatives not in ("texture", "both"):
+        return None
+    from fastneg.texture.bank import read_index, storage_of
+    return args.texture_bank if storage_of(read_index(args.texture_bank)) == "jpeg" else None
+
+
 def loader_source(args, procs: Processes, root: Path) -> Path:
-    """What the loader reads: ROOT/train, or for FFCV ROOT/train.beton (converted once)."""
+    """What the loader reads: ROOT/train, or for FFCV ROOT/train.beton (converted once;
+    ROOT/train.textures.beton with the textures of a JPEG --texture-bank)."""
     if args.loader != "ffcv":
         return root / "train"
-    beton = root / "train.beton"
+    bank = loader_texture_bank(args)
+    beton = root / ("train.textures.beton" if bank else "train.beton")
     if procs.local_rank == 0 and not beton.exists():
         # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
         print(f"converting {root / 'train'} to {beton} (once)", flush=True)
         from fastneg.data.convert import convert_to_beton
-        convert_to_beton(root / "train", beton)   # its own process; errors: ValueError
+        convert_to_beton(root / "train", beton, texture_bank=bank)   # errors: ValueError
     if procs.distributed:
         dist.barrier()
     return beton
@@ -320,7 +331,8 @@ def build_training_loader(args, procs: Processes, source: Path):
     return build_loader(args.loader, str(source), batch_size=args.batch_size // procs.world,
                         views=2, size=args.size, scale=tuple(args.crop_scale),
                         device=str(procs.device), rank=procs.rank, world_size=procs.world,
-                        seed=args.seed, workers=args.workers, drop_last=True, shuffle=True)
+                        seed=args.seed, workers=args.workers, drop_last=True, shuffle=True,
+                        texture_bank=loader_texture_bank(args))
 
 
 def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
@@ -336,12 +348,12 @@ def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
 
 def step_inputs(args, procs: Processes, root: Path):
     """make_views_and_negatives with this run's settings bound: call it with (batch, step=...).
-    Loads the texture bank for --negatives texture|both."""
+    Loads a raw texture bank for --negatives texture|both (a JPEG one comes with the batches)."""
     amp_dtype = PRECISIONS[args.precision]
     on_gpu = procs.device.type == "cuda"
     aug = MoCoV2Augment(dtype=amp_dtype if on_gpu and amp_dtype else torch.float32)
     bank = None
-    if args.negatives in ("texture", "both"):
+    if args.negatives in ("texture", "both") and loader_texture_bank(args) is None:
         from fastneg.texture import TextureBank
         bank = TextureBank.load(args.texture_bank, procs.device, expect=str(root / "train"))
     return functools.partial(make_views_and_negatives, aug=aug, seed=args.seed,
