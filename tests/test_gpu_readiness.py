@@ -43,3 +43,82 @@ def test_installed_numba_cuda_has_the_cu13_extra_with_nvvm():
             if "extra" in r and Requirement(r).marker.evaluate({"extra": "cu13"})]
     toolkit = [r for r in cu13 if r.name == "cuda-toolkit"]
     assert toolkit and "nvvm" in toolkit[0].extras, cu13
+
+
+# ---------------------------------------------------------------- no silent CPU fallback
+
+@pytest.fixture
+def no_gpu(monkeypatch, tmp_path):
+    """torch sees no GPU; returns a function that fakes a loaded NVIDIA driver of a version."""
+    from fastneg import gpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu, "NVIDIA_DRIVER_DIR", tmp_path / "no-driver")
+
+    def with_driver(version_line):
+        driver = tmp_path / "nvidia"
+        driver.mkdir(exist_ok=True)
+        (driver / "version").write_text(version_line)
+        monkeypatch.setattr(gpu, "NVIDIA_DRIVER_DIR", driver)
+    return with_driver
+
+
+DRIVER_LINE = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 "
+               "UTC 2023\nGCC version:  gcc version 12.2.0\n")
+
+
+def test_paper_preset_without_a_gpu_is_refused_unless_device_cpu(no_gpu):
+    from fastneg.gpu import refuse_cpu_fallback
+    with pytest.raises(ValueError, match="--preset paper-in100 .*--device cpu"):
+        refuse_cpu_fallback(None, "paper-in100")
+    with pytest.raises(ValueError, match="paper-in100-b512"):
+        refuse_cpu_fallback(None, "paper-in100-b512")
+    refuse_cpu_fallback("cpu", "paper-in100")      # asked for explicitly: allowed
+    refuse_cpu_fallback(None, None)                 # a plain CPU run stays as it is
+
+
+def test_a_driver_torch_cannot_use_is_refused_naming_both_versions(no_gpu, monkeypatch):
+    from fastneg.gpu import refuse_cpu_fallback
+    no_gpu(DRIVER_LINE)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(ValueError) as e:
+        refuse_cpu_fallback(None, None)
+    message = str(e.value)
+    assert "535.104.05" in message and "CUDA 13.0" in message and "--device cpu" in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="535.104.05"):
+        refuse_cpu_fallback("cuda", None)
+    refuse_cpu_fallback("cpu", "paper-in100")
+
+
+def test_a_usable_gpu_passes(no_gpu, monkeypatch):
+    from fastneg.gpu import refuse_cpu_fallback
+    no_gpu(DRIVER_LINE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    refuse_cpu_fallback(None, "paper-in100")
+
+
+def test_driver_version_parsing(tmp_path):
+    from fastneg.gpu import nvidia_driver_version
+    assert nvidia_driver_version(tmp_path / "absent") is None
+    (tmp_path / "version").write_text(DRIVER_LINE)
+    assert nvidia_driver_version(tmp_path) == "535.104.05"
+    (tmp_path / "version").write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  "
+                                      "580.65.06  Release Build\n")
+    assert nvidia_driver_version(tmp_path) == "580.65.06"
+    (tmp_path / "version").write_text("garbage")
+    assert nvidia_driver_version(tmp_path) == "unknown"
+
+
+def test_trainer_refuses_paper_preset_on_a_cpu_machine_in_one_line(tmp_path):
+    """The real script, in a child process, on this machine (no GPU usable here)."""
+    import subprocess
+    import sys
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is usable here: the refusal cannot happen")
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "train" / "moco.py"), "--preset",
+                           "paper-in100", "--data", str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "paper-in100" in lines[0] and "--device cpu" in lines[0], lines

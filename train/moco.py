@@ -61,6 +61,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: E402
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
+from fastneg.gpu import refuse_cpu_fallback  # noqa: E402
 from fastneg.kernels import patch_negatives, sample_textures  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
 from fastneg.moco import ARCHS, BN_MODES, build_model, read_checkpoint  # noqa: E402
@@ -167,6 +168,7 @@ def resolve_args(parser, argv=None):
     args = parser.parse_args(argv)
     explicit = {k: v for k, v in vars(args).items() if v is not None}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    refuse_cpu_fallback(args.device, args.preset)   # ValueError: meant for a GPU, none usable
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     ckpt = None
@@ -370,7 +372,7 @@ def main(argv=None):
         print(f"run {out}: {args.arch} {args.size}px, global batch {args.batch_size} on {world} "
               f"process(es) ({device.type}), {steps_per_epoch} steps/epoch, loader {args.loader}, "
               f"negatives {args.negatives}, patch range {args.patch_range}", flush=True)
-    from tqdm import tqdm
+    from fastneg.progress import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not main_process, unit="step",
                dynamic_ncols=True)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
+from fastneg.progress import tqdm
 
 from fastneg.data.staging import staged_dir
 from fastneg.kernels.rng import STREAM_DATA

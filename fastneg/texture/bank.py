@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from fastneg.progress import tqdm
 
 from fastneg.data.imagefolder import ImageList, scan_image_folder
 from fastneg.texture import synthesis
