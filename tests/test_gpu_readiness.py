@@ -122,3 +122,58 @@ def test_trainer_refuses_paper_preset_on_a_cpu_machine_in_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "paper-in100" in lines[0] and "--device cpu" in lines[0], lines
+
+
+# ---------------------------------------------------------------- gathers and shuffle-BN
+
+def test_shuffle_seed_is_valid_and_distinct_for_any_seed():
+    from fastneg.moco import shuffle_seed
+    seeds = [shuffle_seed(s, t) for s, t in [(0, 0), (1, 0), (0, 2 ** 32), (2 ** 32, 0),
+                                             (2 ** 62, 7), (2 ** 63 - 1, 2 ** 63 - 1)]]
+    assert len(set(seeds)) == len(seeds)        # seed*2**32+step had (1, 0) == (0, 2**32)
+    for s in seeds:
+        assert 0 <= s < 2 ** 64
+        torch.Generator().manual_seed(s)        # torch takes it (seed*2**32 overflowed 2**64)
+    assert shuffle_seed(5, 3) == shuffle_seed(5, 3)
+
+
+def _gather_worker(rank, store, results):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from fastneg.moco import MoCo, concat_all_gather
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        flat = torch.arange(6, dtype=torch.float32).view(2, 3) + 100 * rank
+        images = (torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5) + 1000 * rank
+                  ).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        gathered = concat_all_gather(images)
+        torch.manual_seed(0)           # the same weights on both ranks
+        model = MoCo(arch="resnet10s", dim=8, K=8, mlp_hidden=16, seed=2 ** 40)
+        model.encoder_k.eval()         # frozen BN: shuffle-BN must return each rank its own rows
+        torch.manual_seed(rank)
+        x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        err = (model.encode_momentum(x, step=2 ** 33)
+               - F.normalize(model.encoder_k(x), dim=1)).abs().max().item()
+        results[rank] = (concat_all_gather(flat), gathered,
+                         gathered.is_contiguous(memory_format=torch.channels_last), err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_gathers_into_one_tensor_and_shuffle_bn_with_a_large_seed(tmp_path):
+    import torch.multiprocessing as mp
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_gather_worker, args=(str(tmp_path / "store"), results), nprocs=2,
+                           start_method="spawn")
+        results = dict(results)
+    base = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    for rank in (0, 1):
+        flat, images, channels_last, err = results[rank]
+        assert torch.equal(flat, torch.cat([torch.arange(6.).view(2, 3),
+                                            torch.arange(6.).view(2, 3) + 100]))
+        assert torch.equal(images.float(), torch.cat([base, base + 1000]).to(torch.bfloat16)
+                           .float())
+        assert channels_last
+        assert err < 1e-6

@@ -26,6 +26,7 @@ STREAM_SHUFFLE = 5    # fastneg.loaders epoch order
 STREAM_TEXSYN = 6     # fastneg.texture synthesis
 STREAM_DATA = 7       # fastneg.data synthetic dataset
 STREAM_CORRUPT = 8    # fastneg.eval.corrupt corruptions
+STREAM_SHUFFLE_BN = 9  # fastneg.moco shuffle-BN permutation
 
 SLOT_BITS = 20        # up to ~1M draws per (stream, sample)
 
