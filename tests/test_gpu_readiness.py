@@ -177,3 +177,18 @@ def test_two_rank_gathers_into_one_tensor_and_shuffle_bn_with_a_large_seed(tmp_p
                            .float())
         assert channels_last
         assert err < 1e-6
+
+
+# ---------------------------------------------------------------- CUDA kernels' compile flags
+
+def test_cuda_device_functions_are_force_inlined(monkeypatch):
+    """numba-cuda deprecates inline=True (a bool) for device functions; forceinline is the flag.
+    (Its deprecation warning is constructed but never issued, so only the call can be checked.)"""
+    from numba import config, cuda
+
+    from fastneg.kernels import rng
+    calls = []
+    monkeypatch.setattr(config, "ENABLE_CUDASIM", False)
+    monkeypatch.setattr(cuda, "jit", lambda *a, **kw: calls.append(kw) or (lambda f: f))
+    rng.cuda_device_jit()
+    assert calls == [{"device": True, "forceinline": True}]

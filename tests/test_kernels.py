@@ -299,6 +299,7 @@ def test_benchmark_reports_every_row(tmp_path):
     assert len(rows) == 8
     for r in rows:
         assert r["ms"] > 0 and r["gb_per_s"] > 0 and r["of_copy"] > 0 and r["speedup_vs_loop"] > 0
+        assert r["host_us"] > 0 and r["copy_host_us"] > 0 and r["host_bound"] in (False, True)
     with pytest.raises(SystemExit):
         bench.main(["--size", "40"])          # below the paper's patch sizes: a clear usage error
 
