@@ -43,3 +43,25 @@ def test_kernels_on_a_second_device():
     got = patch_negatives(x.to("cuda:1"), layout="nhwc", patch_range=(4, 12), seed=1, step=2)
     torch.cuda.synchronize(1)
     assert got.device.index == 1 and torch.equal(got.cpu(), want)
+
+
+def test_fused_augment_kernel_equals_the_torch_chain_without_host_syncs():
+    from fastneg.augment import MoCoV2Augment
+    whole = _batch(16, 41)
+    x, xc = whole[:, :, 1:], whole.cuda()[:, :, 1:]   # strided views, as a crop might hand over
+    assert not xc.is_contiguous()
+    aug = MoCoV2Augment()
+    p = aug.sample(16, seed=4, step=2, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")     # any host sync in apply() would raise
+    try:
+        fused = aug.apply(xc, p)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert fused.is_contiguous(memory_format=torch.channels_last) and fused.dtype == torch.float32
+    # the torch chain's blur is cuDNN (TF32 by default): a tenth of a grey level
+    torch.testing.assert_close(fused, aug._apply_torch(xc, p), atol=5e-3, rtol=0)
+    torch.testing.assert_close(fused.cpu(), aug.apply(x, p.to("cpu")), atol=1e-4, rtol=0)
+    half = MoCoV2Augment(dtype=torch.bfloat16).apply(xc, p)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), fused, atol=0.02, rtol=0.01)
