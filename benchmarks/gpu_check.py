@@ -124,27 +124,43 @@ def data(args) -> int:
 
 # ---------------------------------------------------------------- decode
 
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device) -> str:
+    import torch
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def decode(args) -> int:
-    """img/s of the torch loader decoding on the GPU (two uint8 224 px views per image)."""
+    """img/s of the torch loader decoding on the GPU (two uint8 views per image); --device cpu
+    runs the same code on the CPU (tests)."""
     import torch
 
     from fastneg.loaders import build_loader
+    device = torch.device(args.device)
     loader = build_loader("torch", str(args.data), batch_size=args.batch_size, views=2,
-                          size=224, device="cuda", workers=args.workers, seed=0,
+                          size=args.size, device=str(device), workers=args.workers, seed=0,
                           drop_last=True, shuffle=True)
     batches = iter(loader)
     for _ in range(args.warmup):
         next(batches)
-    torch.cuda.synchronize()
+    _sync(device)
     start, n = time.perf_counter(), 0
     for _ in range(args.batches):
         batch = next(batches, None)
         if batch is None:
             break
         n += batch.views[0].shape[0]
-    torch.cuda.synchronize()
+    _sync(device)
     seconds = time.perf_counter() - start
-    result = {"loader": "torch", "device": torch.cuda.get_device_name(0), "images": n,
+    if n == 0:
+        raise SystemExit(f"decode: {args.data} has too few images for {args.warmup} warm-up "
+                         f"batches and one measured batch of {args.batch_size}")
+    result = {"loader": "torch", "device": _device_name(device), "images": n,
               "seconds": seconds, "img_per_s": n / seconds, "workers": args.workers,
               "batch_size": args.batch_size}
     _write_json(args.json, result)
@@ -157,16 +173,17 @@ def decode(args) -> int:
 def ceiling(args) -> int:
     """img/s of the trainer's step on synthetic uint8 views already on the GPU: aug-plus on
     both views, patch NS, the MoCo step (resnet50, 224 px, bf16, channels_last, K 16384, as
-    --preset paper-in100). Nothing waits for data: the most a data path can reach."""
+    --preset paper-in100). Nothing waits for data: the most a data path can reach. --device
+    cpu runs the same code on the CPU (tests)."""
     import torch
 
     from fastneg.augment import MoCoV2Augment
     from fastneg.kernels import patch_negatives
     from fastneg.moco import MoCo
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = MoCo(arch=args.arch, dim=128, K=16384, m=0.999, T=0.2, alpha=2.0).to(device)
+    model = MoCo(arch=args.arch, dim=128, K=args.queue, m=0.999, T=0.2, alpha=2.0).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     aug = MoCoV2Augment(dtype=torch.bfloat16)
@@ -174,13 +191,13 @@ def ceiling(args) -> int:
     gen = torch.Generator(device=device).manual_seed(0)
     views = [torch.randint(0, 256, (n, size, size, 3), generator=gen, device=device,
                            dtype=torch.uint8) for _ in range(2)]
-    patch_range = (round(16 * size / 224), round(72 * size / 224))
+    patch_range = (max(1, round(16 * size / 224)), round(72 * size / 224))
 
     def step(t):
         params = [aug.sample(n, seed=0, step=t, view=i, device=device) for i in range(2)]
         q, k = (aug.apply(v, p) for v, p in zip(views, params))
         ns = patch_negatives(q, layout="nchw", patch_range=patch_range, seed=0, step=t)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss, _ = model(q, k, ns=[ns], step=t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,15 +205,15 @@ def ceiling(args) -> int:
 
     for t in range(args.warmup):
         step(t)
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for t in range(args.warmup, args.warmup + args.steps):
         step(t)
-    torch.cuda.synchronize()
+    _sync(device)
     seconds = time.perf_counter() - start
     result = {"arch": args.arch, "size": size, "batch_size": n, "precision": "bf16",
               "steps": args.steps, "img_per_s": args.steps * n / seconds,
-              "device": torch.cuda.get_device_name(0)}
+              "device": _device_name(device)}
     _write_json(args.json, result)
     print(f"synthetic-data ceiling: {result['img_per_s']:.0f} img/s ({args.arch}, {size} px, "
           f"batch {n}, bf16, patch NS)")
@@ -331,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--device", default="cuda")
     p.set_defaults(func=decode)
     p = sub.add_parser("ceiling")
     p.add_argument("--json", required=True)
@@ -339,6 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--queue", type=int, default=16384)
+    p.add_argument("--device", default="cuda")
     p.set_defaults(func=ceiling)
     p = sub.add_parser("trainer")
     p.add_argument("--run", required=True)

@@ -121,3 +121,21 @@ def test_trainer_stage_reads_the_run_and_drops_checkpoints(tmp_path):
     assert result["img_per_s"] == 1234.5 and result["data_wait_pct"] == 7.5
     assert result["args"]["arch"] == "resnet50"
     assert not (run / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_decode_and_ceiling_stages_run_their_code_on_the_cpu(tmp_path):
+    """The GPU stages' code with --device cpu and tiny sizes: everything but the device."""
+    from fastneg.data.synthetic import DatasetSpec, make_dataset
+    data = make_dataset(tmp_path / "shapes", DatasetSpec(images_per_class=2, size=32),
+                        progress=False)
+    assert gpu_check.main(["decode", "--device", "cpu", "--data", str(data / "train"),
+                           "--size", "32", "--batch-size", "4", "--batches", "2", "--warmup", "1",
+                           "--workers", "1", "--json", str(tmp_path / "decode.json")]) == 0
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    assert decode["images"] == 8 and decode["img_per_s"] > 0
+    assert gpu_check.main(["ceiling", "--device", "cpu", "--arch", "resnet10s", "--size", "32",
+                           "--batch-size", "4", "--steps", "1", "--warmup", "1", "--queue", "16",
+                           "--json", str(tmp_path / "ceiling.json")]) == 0
+    ceiling = json.loads((tmp_path / "ceiling.json").read_text())
+    assert ceiling["img_per_s"] > 0 and ceiling["arch"] == "resnet10s"
