@@ -30,7 +30,8 @@ from fastneg.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION
 
 # Flag columns of the uint8 [N, 4] flags array, as in fastneg.augment_cpu.
 FLIP, JITTER, GRAY, BLUR = range(4)
-THREADS = 256           # threads per block (the default launch; at most this many)
+THREADS = 512           # threads per block (the default launch; at most this many): two
+                        # blocks of a 256-image batch per SM of an H100/H200, half occupancy
 MAX_WIDTH = 1024        # the shared row buffer holds 3 planes of this many float32 pixels
 
 _ZERO, _ONE, _TWO, _FOUR, _SIX = (np.float32(v) for v in (0, 1, 2, 4, 6))
@@ -235,6 +236,8 @@ def fused_aug_plus_cuda(x, flags, factors, order, kernel_x, kernel_y, luma, scal
     from numba import cuda
     n, h, w, _ = x.shape
     out = torch.empty((n, h, w, 3), dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out
     scratch = torch.empty((n, h, 3, w), dtype=torch.float32, device=x.device)
     as_array = functools.partial(cuda.as_cuda_array, sync=False)   # sync=True would block
     with cuda.gpus[x.device.index]:
