@@ -192,3 +192,24 @@ def test_cuda_device_functions_are_force_inlined(monkeypatch):
     monkeypatch.setattr(cuda, "jit", lambda *a, **kw: calls.append(kw) or (lambda f: f))
     rng.cuda_device_jit()
     assert calls == [{"device": True, "forceinline": True}]
+
+
+# ---------------------------------------------------------------- tqdm is optional
+
+def test_progress_stand_in_without_tqdm(monkeypatch, capsys):
+    import importlib.util
+    import sys
+    monkeypatch.setitem(sys.modules, "tqdm", None)          # `import tqdm` now fails
+    spec = importlib.util.spec_from_file_location("progress_without_tqdm",
+                                                  REPO / "fastneg" / "progress.py")
+    progress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(progress)
+    assert progress.tqdm.__module__ == "progress_without_tqdm"   # the stand-in, not tqdm
+    assert list(progress.tqdm(range(3), desc="x")) == [0, 1, 2]
+    with progress.tqdm(total=30, initial=10, unit="step", dynamic_ncols=True) as bar:
+        bar.update(10)
+        bar.set_postfix(loss="1.5")
+    quiet = progress.tqdm(total=5, disable=True)
+    quiet.update(2)
+    quiet.set_postfix(loss="2")
+    assert capsys.readouterr().err.splitlines() == ["20/30 step loss=1.5"]
