@@ -79,7 +79,7 @@ run_stage() {   # run_stage NAME LIMIT_SECONDS NEEDS COMMAND...   (NEEDS: comma 
   fi
   [ "$status" = ok ] || FAILED=1
   record "$name" "$status" "$rc" "$((SECONDS - start))" "$limit" \
-    "$([ "$status" = ok ] || tail -n 1 "$OUT/$name.log" | cut -c1-100)"
+    "$([ "$status" = ok ] || tail -n 1 "$OUT/$name.log" | tr '\t' ' ' | cut -c1-100)"
 }
 
 # Limits: 30 + 40 + 70 + 45 + 40 + 40 + 60 + 90 = 415 s (< 7 min), the rest of 8 min for
