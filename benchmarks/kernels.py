@@ -10,9 +10,9 @@ and once into a preallocated out= (yardstick: out.copy_(x)); sample_textures fro
 224 x 224 textures into uint8 [N, size, size, 3] (yardstick: clone of a tensor that size).
 GB/s counts one read and one write of the output's bytes (what a copy moves); "of copy" is
 that over the yardstick's GB/s. sample_textures runs with check_ids=False, as in the trainer
-(the id check costs a host sync on CUDA). The anchors (reference.patch_negatives, the paper's loop with
-its canvas; torchvision resized_crop + hflip image by image) run on --anchor-samples images and
-are scaled to the batch (median of three runs). Measurements alternate between a row and its
+(the id check costs a host sync on CUDA). The anchors (reference.patch_negatives, the paper's
+loop with its canvas; torchvision resized_crop + hflip image by image) run on --anchor-samples
+images and are scaled to the batch (median of three runs). Measurements alternate between a row and its
 yardstick so that load from other processes hits both alike; each figure is the median over
 --repeats of --inner back-to-back calls.
 

@@ -75,7 +75,8 @@ def _jitter_op(r, g, b, op, f, mean, luma):
     else:
         h6 = r - g + _FOUR * denom
     h6 = h6 / denom + _SIX * f
-    return (_hue_channel(h6, np.float32(5), mx, chroma), _hue_channel(h6, np.float32(3), mx, chroma),
+    return (_hue_channel(h6, np.float32(5), mx, chroma),
+            _hue_channel(h6, np.float32(3), mx, chroma),
             _hue_channel(h6, np.float32(1), mx, chroma))
 
 
