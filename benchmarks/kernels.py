@@ -12,9 +12,9 @@ GB/s counts one read and one write of the output's bytes (what a copy moves); "o
 that over the yardstick's GB/s. sample_textures runs with check_ids=False, as in the trainer
 (the id check costs a host sync on CUDA). The anchors (reference.patch_negatives, the paper's
 loop with its canvas; torchvision resized_crop + hflip image by image) run on --anchor-samples
-images and are scaled to the batch (median of three runs). Measurements alternate between a row and its
-yardstick so that load from other processes hits both alike; each figure is the median over
---repeats of --inner back-to-back calls.
+images and are scaled to the batch (median of three runs). Measurements alternate between a
+row and its yardstick so that load from other processes hits both alike; each figure is the
+median over --repeats of --inner back-to-back calls.
 
 Timing on CUDA: device time from CUDA events around the --inner calls, queued behind a short
 spin kernel so that the GPU never waits for Python to launch the next call (at H200 speed a
