@@ -64,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: E402
 from fastneg.data.files import available_cpus  # noqa: E402
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
+from fastneg.gpu import refuse_cpu_fallback  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
 from fastneg import rundir  # noqa: E402
 from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
@@ -172,6 +173,7 @@ def resolve_args(parser, argv=None):
     args = parser.parse_args(argv)
     explicit = {k: v for k, v in vars(args).items() if v is not None}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    refuse_cpu_fallback(args.device, args.preset)   # ValueError: meant for a GPU, none usable
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     ckpt = None
@@ -478,7 +480,7 @@ class RunLog:
 
     def __init__(self, out: Path, *, main: bool, device, batch_size: int, log_every: int,
                  total_steps: int, start_step: int, resumed: bool = False):
-        from tqdm import tqdm
+        from fastneg.progress import tqdm
         self.batch_size, self.log_every, self.total_steps = batch_size, log_every, total_steps
         self.csv_file = self.csv = self.tensorboard = None
         if main:

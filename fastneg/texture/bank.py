@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from fastneg.progress import tqdm
 
 from fastneg.data.files import available_cpus, inspect_file
 from fastneg.data.imagefolder import ImageList, scan_image_folder
