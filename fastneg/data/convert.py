@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fastneg.data.imagefolder import scan_image_folder
+from fastneg.data.staging import swap_in, temporary_sibling
 
 LAYOUT = "fastneg-beton"
 LAYOUT_VERSION = 1
@@ -98,7 +99,6 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     """Write the .beton and its sidecar in this process (see the module docstring); returns the
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
     from fastneg.data.files import available_cpus, check_files, require_readable
-    from fastneg.data.staging import swap_in, temporary_sibling
 
     if not 1 <= max_side <= MAX_SIDE_LIMIT:
         raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")
