@@ -256,7 +256,7 @@ class MoCoV2Augment:
     def _apply_fused_cuda(self, x, p):
         """apply() on CUDA tensors: the CPU kernel's packed draws, one fastneg.augment_cuda
         launch, then the cast to self.dtype."""
-        from fastneg import augment_cuda    # imports this module: import it once both exist
+        from fastneg import augment_cuda    # lazily: numba.cuda is only needed for CUDA tensors
         n, h, w, _ = x.shape
         if w > augment_cuda.MAX_WIDTH:
             return self._apply_torch(x, p)

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from fastneg.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION
+from fastneg.kernels.augment_ops import BRIGHTNESS, CONTRAST, HUE, SATURATION
 
 # Flag columns of the uint8 [N, 4] flags array, as in fastneg.augment_cpu.
 FLIP, JITTER, GRAY, BLUR = range(4)
