@@ -9,6 +9,7 @@ import sys
 VERB_MODULES = [
     "fastneg.data.cli",        # make-data
     "fastneg.data.convert",    # convert
+    "fastneg.data.index",      # index
     "fastneg.eval.cli",        # eval
     "fastneg.texture.cli",     # build-bank
 ]

@@ -1,8 +1,9 @@
 """What every backend shares, so that all three agree on files, order, shards and crops.
 
 - `LoaderConfig`: the checked arguments of build_loader.
-- `checked_image_folder`: list an ImageFolder and run fastneg.data.files' pre-flight check,
-  which also gives the image sizes the crop boxes need before decoding.
+- `checked_image_folder`: an ImageFolder's listing and pre-flight check (fastneg.data.files), read
+  from its dataset index (fastneg.data.index, built once per dataset), which also gives the image
+  sizes the crop boxes need before decoding.
 - `epoch_order` / `shard`: one permutation per (seed, epoch) from fastneg's RNG, cut per rank.
 - `crop_boxes` / `center_box`: the crop windows, from fastneg.kernels.crop.
 - `LoaderBase`: set_epoch, len, the skip count and its report at the end of each epoch.
@@ -19,7 +20,7 @@ import torch
 
 from fastneg.data.files import (FileCheck, available_cpus, check_files, inspect_file,  # noqa: F401
                                 require_readable)
-from fastneg.data.imagefolder import scan_image_folder
+from fastneg.data.index import load_index
 from fastneg.kernels import crop, rng
 
 log = logging.getLogger("fastneg.loaders")
@@ -83,8 +84,13 @@ class LoaderConfig:
 
 def checked_image_folder(root, cfg: LoaderConfig) -> FileCheck:
     """List and check an ImageFolder: clear errors for a missing/empty root or class folder and,
-    unless cfg.skip_bad, for any file no loader can read."""
-    check = check_files(scan_image_folder(root), cfg.workers)
+    unless cfg.skip_bad, for any file no loader can read.
+
+    The check comes from the dataset index (fastneg.data.index.load_index): the first process
+    to need it checks every file while the others (the node's other ranks) wait on its lock;
+    after that every start costs one stat per file.
+    """
+    check = load_index(root, workers=cfg.workers).file_check()
     require_readable(check, cfg.skip_bad)
     return check
 
