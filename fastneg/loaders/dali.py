@@ -110,10 +110,10 @@ class Loader(LoaderBase):
                 if not failures:
                     raise RuntimeError(f"DALI failed on batch {b} of epoch {epoch}, whose files "
                                        f"PIL decodes: {e}") from e
-                self.skip_or_raise(failures)
                 failed = {f for f, _ in failures}
-                plan[b] = np.array([i for i in plan[b].tolist() if self._paths[i] not in failed],
-                                   np.int64)
+                self.skip_or_raise(failures, [i for i in plan[b].tolist()
+                                              if self._paths[i] in failed])
+                plan[b] = self.refill(epoch, b)   # same size: replaced from this rank's shard
 
     def _failing_files(self, idx: np.ndarray) -> list[tuple[str, str]]:
         """The files of a batch that DALI failed on, found by decoding each with PIL."""

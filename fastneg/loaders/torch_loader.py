@@ -130,16 +130,38 @@ class Loader(LoaderBase):
 
     def _batches(self, epoch, samples):
         self._plan.epoch, self._plan.samples = epoch, samples
-        for item, labels, indices, failures in self._loader:
+        bs = self.cfg.batch_size
+        for b, (item, labels, indices, failures) in enumerate(self._loader):
             if self._decode_on_gpu:
                 item, labels, indices, more = self._decode_on_device(item, labels, indices)
                 failures += more
             if failures:
-                self.skip_or_raise(failures)
+                lost = set(samples[b * bs:(b + 1) * bs].tolist()) - set(indices.tolist())
+                self.skip_or_raise(failures, lost)
+                if not self._decode_on_gpu:   # nvJPEG failures: the batch stays short for now
+                    item, labels, indices = self._refill(epoch, b, item, labels, indices)
             if self._decode_on_gpu:
                 yield self._crop_on_device(epoch, item, labels, indices)
             else:
                 yield Batch(tuple(item.unbind(0)), labels, indices)
+
+    def _refill(self, epoch, b, views, labels, indices):
+        """Batch `b` with its failed files replaced (LoaderBase.refill), decoded here, in the
+        planned order: a decode failure does not shorten the batch."""
+        while True:
+            planned = self.refill(epoch, b)
+            have = set(indices.tolist())
+            missing = np.array([i for i in planned.tolist() if i not in have], np.int64)
+            if not len(missing):
+                break
+            more_views, more_labels, more_indices, failures = self._reader[(epoch, missing)]
+            self.skip_or_raise(failures, set(missing.tolist()) - set(more_indices.tolist()))
+            views = torch.cat([views, more_views], 1)
+            labels, indices = torch.cat([labels, more_labels]), torch.cat([indices, more_indices])
+        position = {i: k for k, i in enumerate(planned.tolist())}
+        keep = torch.tensor(sorted(range(len(indices)), key=lambda k: position.get(
+            int(indices[k]), len(position)))[:len(planned)])
+        return views[:, keep].contiguous(), labels[keep], indices[keep]
 
     def _decode_on_device(self, items, labels, indices):
         """Decode the batch's JPEG bytes with nvJPEG; move the images decoded by the worker."""
