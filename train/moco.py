@@ -75,7 +75,7 @@ DEFAULTS = dict(loader="dali", negatives="patch", alpha=2.0, patch_range=None, t
                 cifar_stem=False, crop_scale=[0.2, 1.0], lr=0.06, wd=1e-4, epochs=30, warmup_epochs=1, moco_k=1024,
                 moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn="shuffle",
                 channels_last=True, seed=0, save_every=10, log_every=10, workers=None,
-                compile=False, max_steps=None, eval=False)
+                compile=False, max_steps=None, eval=False, skip_bad=False)
 DEVICE_DEFAULTS = {
     "cpu": dict(arch="resnet10s", size=64, batch_size=128, precision="fp32"),
     "cuda": dict(arch="resnet18", size=96, batch_size=256, precision="bf16"),
@@ -94,7 +94,8 @@ QUEUE_FRACTION = 0.25   # warn above this queue size / dataset size (see main)
 # On --resume, every setting comes from the checkpoint except NOT_CARRIED; flags given again
 # must match it, except RUN_CONTROL (changing --epochs reshapes the cosine from there on).
 NOT_CARRIED = {"out", "resume", "device", "max_steps"}
-RUN_CONTROL = NOT_CARRIED | {"epochs", "log_every", "save_every", "workers", "compile", "eval"}
+RUN_CONTROL = NOT_CARRIED | {"epochs", "log_every", "save_every", "workers", "compile", "eval",
+                             "skip_bad"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", "dataset ROOT holding ROOT/train (default: the embedded dataset)")
     a("--loader", "data loader backend", choices=KINDS)
     a("--workers", "loader worker threads or processes (default: the loader's choice)", type=int)
+    a("--skip-bad", "train without the files no decoder can read instead of stopping; one that "
+      "fails mid-run is replaced by another image of the same shard, so batches keep their size",
+      action=argparse.BooleanOptionalAction)
     a("--negatives", "non-semantic negatives", choices=NEGATIVES)
     a("--alpha", "NS logit scale, inside the exponent", type=float)
     a("--patch-range", "patch side range in pixels, both ends included (default: 16..72 "
@@ -303,7 +307,8 @@ def main(argv=None):
     per_rank = args.batch_size // world
     loader = build_loader(args.loader, str(source), batch_size=per_rank, views=2, size=args.size,
                           scale=tuple(args.crop_scale), device=str(device), rank=rank, world_size=world, seed=args.seed,
-                          workers=args.workers, drop_last=True, shuffle=True)
+                          workers=args.workers, drop_last=True, shuffle=True,
+                          skip_bad=args.skip_bad)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError(f"{source} has fewer images than one global batch ({args.batch_size})")
@@ -473,6 +478,15 @@ def main(argv=None):
                             writer.add_scalar(tag, v, step)
                 loss_sum.zero_()
                 window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+        if args.skip_bad:   # every rank reaches this point together: one gather per epoch
+            skipped = {f for f, _ in loader.bad_files}
+            if distributed:
+                every = [None] * world
+                dist.all_gather_object(every, sorted(skipped))
+                skipped = set().union(*every)
+            if main_process and skipped:
+                print(f"epoch {epoch}: skipped {len(skipped)} unreadable file(s) on all ranks "
+                      "(batches kept their size)", file=sys.stderr, flush=True)
         if main_process and step < total_steps and (step // steps_per_epoch) % args.save_every == 0:
             checkpoint()
     bar.close()

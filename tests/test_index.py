@@ -1,0 +1,173 @@
+"""fastneg.data.index: one pre-flight scan per dataset, and the JPEG end-marker rule it applies.
+
+The index is built once, reused while the folder is unchanged, rebuilt when a file is added,
+removed, resized or touched, built once when several processes need it at the same time, and
+kept in the user cache when the data folder is read-only.
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastneg.data import index as data_index
+from fastneg.data.files import inspect_file
+from fastneg.data.imagefolder import scan_image_folder
+from fastneg.data.index import INDEX_NAME, load_index
+
+
+def _jpeg(seed: int, shape=(24, 32), **kw) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (*shape, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    """Two classes of three JPEGs (sizes 24x32 .. 26x34) and one file that is no image."""
+    root = tmp_path / "data"
+    for c, cls in enumerate("ab"):
+        (root / cls).mkdir(parents=True)
+        for k in range(3):
+            (root / cls / f"{k}.jpg").write_bytes(_jpeg(3 * c + k, (24 + k, 32 + k)))
+    (root / "b" / "note.jpg").write_text("not an image")
+    return root
+
+
+def test_index_matches_the_check_and_is_reused(root):
+    first = load_index(root, workers=1)
+    assert first.path == root / INDEX_NAME and first.path.is_file()
+    images = scan_image_folder(root)
+    assert list(first.files) == list(images.files) and first.classes == ("a", "b")
+    assert first.labels.tolist() == images.labels.tolist()
+    check = first.file_check()
+    assert [Path(f).name for f, _ in check.bad_files] == ["note.jpg"]
+    assert check.heights[:3].tolist() == [24, 25, 26] and check.jpeg_rgb.sum() == 6
+    assert first.sizes.tolist() == [os.path.getsize(images.path(i)) for i in range(len(images))]
+    stamp = first.path.stat().st_mtime_ns
+    again = load_index(root, workers=1)
+    assert again.key == first.key and again.path.stat().st_mtime_ns == stamp   # not rewritten
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "touch", "resize"])
+def test_a_changed_folder_invalidates_the_index(root, change):
+    before = load_index(root, workers=1)
+    target = root / "a" / "1.jpg"
+    if change == "add":
+        (root / "a" / "new.jpg").write_bytes(_jpeg(9))
+    elif change == "remove":
+        target.unlink()
+    elif change == "touch":
+        st = target.stat()
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    else:   # same mtime, different size: broken by an in-place edit the mtime hides
+        st = target.stat()
+        target.write_bytes(target.read_bytes()[:100])
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = load_index(root, workers=1)
+    assert after.key != before.key
+    names = list(after.files)
+    assert ("a/new.jpg" in names) == (change == "add")
+    assert ("a/1.jpg" in names) == (change != "remove")
+    bad = {after.files[i] for i, _ in after.bad}
+    assert ("a/1.jpg" in bad) == (change == "resize")   # rechecked, not taken from the old index
+
+
+def test_a_damaged_index_file_is_rebuilt(root):
+    load_index(root, workers=1)
+    (root / INDEX_NAME).write_bytes(b"garbage")
+    assert len(load_index(root, workers=1)) == 7
+
+
+def test_read_only_data_folder_uses_the_user_cache(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_index.os, "access", lambda path, mode: False)
+    built = load_index(root, workers=1)
+    assert built.path.parent == tmp_path / "cache" / "fastneg" / "index"
+    assert not (root / INDEX_NAME).exists()
+    assert load_index(root, workers=1).path == built.path
+
+
+def _first_use(root, barrier, log, queue):
+    """One process of the concurrency test: count builds in `log`, report the key."""
+    original = data_index.build_index
+
+    def counted(*args, **kw):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return original(*args, **kw)
+
+    data_index.build_index = counted
+    barrier.wait()
+    index = data_index.load_index(root, workers=1)
+    queue.put((index.key, len(index), str(index.path)))
+
+
+def test_concurrent_first_use_builds_once(root, tmp_path):
+    n = 4
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    log = tmp_path / "builds.txt"
+    procs = [ctx.Process(target=_first_use, args=(root, barrier, log, queue)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in range(n)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert len(log.read_text().split()) == 1                 # one process checked the files
+    assert len(set(results)) == 1 and results[0][1] == 7     # every process read that index
+    assert load_index(root, workers=1).key == results[0][0]
+
+
+def test_index_verb(root):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "fastneg.cli", "index"]
+    ok = subprocess.run([*cmd, str(root), "--workers", "1"], capture_output=True, text=True,
+                        env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert f"{root / INDEX_NAME}: 7 files, 2 classes, 1 unreadable" in ok.stdout
+    assert "b/note.jpg" in ok.stdout
+    missing = subprocess.run([*cmd, str(root / "nope")], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == (
+        f"fastneg index: error: dataset folder {root / 'nope'} does not exist")
+
+
+# ----------------------------------------------------------------- the JPEG end marker
+
+def _with_thumbnail(main: bytes, thumb: bytes) -> bytes:
+    """`main` with `thumb` (a whole JPEG, so with its own end marker) in an APP1 segment."""
+    payload = b"Exif\x00\x00" + thumb
+    return main[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + main[2:]
+
+
+@pytest.mark.parametrize("name, make, problem", [
+    ("plain", lambda: _jpeg(0), None),
+    ("progressive", lambda: _jpeg(0, progressive=True), None),
+    ("trailing bytes", lambda: _jpeg(0) + bytes(range(256)) * 400, None),
+    ("a second picture after it", lambda: _jpeg(0) + _jpeg(1, (200, 300)), None),
+    ("truncated", lambda: _jpeg(0)[:-300], "truncated JPEG"),
+    ("truncated progressive", lambda: _jpeg(0, progressive=True)[:-300], "truncated JPEG"),
+    ("truncated, thumbnail kept", lambda: _with_thumbnail(_jpeg(0), _jpeg(1, (8, 8)))[:-300],
+     "truncated JPEG"),
+    ("thumbnail, whole", lambda: _with_thumbnail(_jpeg(0), _jpeg(1, (8, 8))), None),
+])
+def test_jpeg_end_marker_rule(tmp_path, name, make, problem):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(make())
+    found, h, w, kind = inspect_file(path)
+    if problem is None:
+        assert (found, h, w) == (None, 24, 32), name
+        Image.open(path).load()                   # and a decoder reads it
+    else:
+        assert found is not None and found.startswith(problem), (name, found)
