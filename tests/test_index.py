@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,19 +126,18 @@ def test_concurrent_first_use_builds_once(root, tmp_path):
     assert load_index(root, workers=1).key == results[0][0]
 
 
-def test_index_verb(root):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "fastneg.cli", "index"]
-    ok = subprocess.run([*cmd, str(root), "--workers", "1"], capture_output=True, text=True,
-                        env=env, timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    assert f"{root / INDEX_NAME}: 7 files, 2 classes, 1 unreadable" in ok.stdout
-    assert "b/note.jpg" in ok.stdout
-    missing = subprocess.run([*cmd, str(root / "nope")], capture_output=True, text=True,
-                             env=env, timeout=120)
-    assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines()[-1] == (
+def test_index_verb(root, capsys):
+    from fastneg.cli import main
+
+    assert main(["index", str(root), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"{root / INDEX_NAME}: 7 files, 2 classes, 1 unreadable" in out and "b/note.jpg" in out
+    assert main(["index", str(root / "nope")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"fastneg index: error: dataset folder {root / 'nope'} does not exist")
+    with pytest.raises(SystemExit):
+        main(["index", "--help"])
+    assert "fastneg/index" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------- the JPEG end marker
