@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fastneg.data.files import FileCheck, available_cpus, check_files
-from fastneg.data.imagefolder import ImageList, scan_image_folder
+from fastneg.data.imagefolder import IMG_EXTENSIONS, ImageList, scan_image_folder
 
 INDEX_NAME = ".fastneg-index"
 LOCK_SUFFIX = ".lock"
@@ -100,14 +100,77 @@ class DatasetIndex:
 # ----------------------------------------------------------------- folder state
 
 def stat_files(images: ImageList) -> tuple[np.ndarray, np.ndarray]:
-    """(sizes, mtimes in ns) of every file of a listing: one stat each, no open."""
+    """(sizes, mtimes in ns) of every file of a listing: one stat each, no open; -1 for a file
+    that cannot be stat'ed (the check then reports it)."""
     root = str(images.root)
     n = len(images)
     sizes, mtimes = np.empty(n, np.int64), np.empty(n, np.int64)
     for i, name in enumerate(images.files):
-        st = os.stat(os.path.join(root, name))
-        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+        try:
+            st = os.stat(os.path.join(root, name))
+            sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+        except OSError:
+            sizes[i] = mtimes[i] = -1
     return sizes, mtimes
+
+
+def list_folder(root) -> tuple[ImageList, np.ndarray, np.ndarray]:
+    """scan_image_folder's listing (same files, same order) with each file's size and mtime.
+
+    One os.scandir pass that takes the stat from each directory entry: several times faster than
+    scan_image_folder + stat_files in Python, which matters at a million files on every rank.
+    The order rule is scan_image_folder's: classes sorted; within a class, directories in the
+    sorted order of their paths, files sorted by name. A folder that is not a valid ImageFolder
+    is handed to scan_image_folder for its error.
+    """
+    root = Path(root)
+    base = str(root)
+    try:
+        classes = sorted(e.name for e in os.scandir(base)
+                         if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        classes = []
+    files, labels, sizes, mtimes = [], [], [], []
+    for label, cls in enumerate(classes):
+        dirs, seen, todo = [], set(), [cls]
+        while todo:                                # every directory under the class, once
+            rel = todo.pop()
+            names = []
+            try:
+                with os.scandir(os.path.join(base, rel)) as it:
+                    st = os.stat(os.path.join(base, rel))
+                    if (st.st_dev, st.st_ino) in seen:   # a symlink loop: list it once
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                    for e in it:
+                        if e.is_dir():
+                            todo.append(f"{rel}/{e.name}")
+                        elif e.name.lower().endswith(IMG_EXTENSIONS):
+                            names.append(e)
+            except OSError:
+                continue
+            dirs.append((rel, names))
+        count = 0
+        for rel, names in sorted(dirs, key=lambda d: d[0]):
+            for e in sorted(names, key=lambda e: e.name):
+                try:
+                    st = e.stat()
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size = mtime = -1
+                files.append(f"{rel}/{e.name}")
+                sizes.append(size)
+                mtimes.append(mtime)
+                count += 1
+        if count == 0:
+            classes = []                           # let scan_image_folder say what is wrong
+            break
+        labels.append(np.full(count, label, np.int64))
+    if not classes:
+        scan_image_folder(root)                    # raises its error for this folder
+        raise FileNotFoundError(f"dataset folder {root} cannot be listed")
+    images = ImageList(root, tuple(files), np.concatenate(labels), tuple(classes))
+    return images, np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64)
 
 
 def folder_state(images: ImageList, sizes: np.ndarray, mtimes: np.ndarray) -> str:
@@ -253,8 +316,7 @@ def load_index(root, workers: int | None = None, progress: bool = False,
     process builds, the others wait on its lock and then read what it wrote. `rebuild` forces a
     new check. Errors of scan_image_folder (missing root, empty class folder) pass through.
     """
-    images = scan_image_folder(root)
-    sizes, mtimes = stat_files(images)
+    images, sizes, mtimes = list_folder(root)
     key = folder_state(images, sizes, mtimes)
     if not rebuild:
         found = _fresh(root, key)
