@@ -168,3 +168,28 @@ def test_jpeg_end_marker_rule(tmp_path, name, make, problem):
         Image.open(path).load()                   # and a decoder reads it
     else:
         assert found is not None and found.startswith(problem), (name, found)
+
+
+def test_list_folder_lists_like_scan_image_folder(tmp_path):
+    """Nested folders whose names sort differently as paths and as trees, hidden class folders,
+    other extensions, upper-case extensions, a symlinked sub-folder."""
+    root = tmp_path / "tree"
+    names = ["c/a-b/1.jpg", "c/a/x/2.JPG", "c/a/3.png", "c/0.jpeg", "c/a.b/4.jpg",
+             "c/.hidden/5.jpg", "d/z.jpg", "d/notes.txt", ".cache/6.jpg", "B/7.webp"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x" * len(name))
+    (root / "d" / "link").symlink_to(root / "c" / "a")
+    images, sizes, mtimes = data_index.list_folder(root)
+    expected = scan_image_folder(root)
+    assert images.files == expected.files and images.classes == expected.classes
+    assert images.labels.tolist() == expected.labels.tolist()
+    assert sizes.tolist() == [os.path.getsize(expected.path(i)) for i in range(len(expected))]
+    assert mtimes.tolist() == [os.stat(expected.path(i)).st_mtime_ns
+                               for i in range(len(expected))]
+    (root / "d" / "z.jpg").unlink()
+    (root / "d" / "link").unlink()
+    with pytest.raises(FileNotFoundError, match="without images"):
+        data_index.list_folder(root)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data_index.list_folder(root / "missing")
