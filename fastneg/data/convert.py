@@ -8,7 +8,8 @@ fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
     index   IntField, the dataset index
 and a sidecar OUT.beton.json: layout version, classes, source fingerprint, the bad files.
 
-Every file is checked before writing (fastneg.data.files.check_files); unreadable files stop the
+Every file is checked before writing (fastneg.data.files.check_files, stored in the dataset
+index, fastneg.data.index); unreadable files stop the
 conversion with their names unless skip_bad, which stores them as 1x1 placeholders with label -1
 so that sample numbers stay dataset indices. Writing runs in a process of its own
 (`convert_to_beton` starts one): FFCV's writer can deadlock on Numba's compile lock in a process
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fastneg.data.imagefolder import scan_image_folder
 
 LAYOUT = "fastneg-beton"
 LAYOUT_VERSION = 1
@@ -87,7 +87,8 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
                 skip_bad: bool = False, workers: int | None = None, force: bool = False) -> dict:
     """Write the .beton and its sidecar in this process (see the module docstring); returns the
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
-    from fastneg.data.files import available_cpus, check_files, require_readable
+    from fastneg.data.files import available_cpus, require_readable
+    from fastneg.data.index import load_index
 
     if not 1 <= max_side <= MAX_SIDE_LIMIT:
         raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")
@@ -99,8 +100,8 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     workers = workers or available_cpus()
-    images = scan_image_folder(src)
-    check = check_files(images, workers)
+    check = load_index(src, workers=workers).file_check()   # the dataset's stored check
+    images = check.images
     require_readable(check, skip_bad)
     bad = dict(check.bad)
 
