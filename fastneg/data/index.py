@@ -67,6 +67,8 @@ class PathTable(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
         a, b = self.offsets[i], self.offsets[i + 1]
         return self.blob[a:b].tobytes().decode()
 
@@ -263,12 +265,12 @@ def read_index(path: Path, root=None) -> DatasetIndex | None:
             meta = json.loads(f.read(int.from_bytes(head[len(MAGIC):], "little")))
             start = -(-f.tell() // ALIGN) * ALIGN
         whole = np.memmap(path, np.uint8, mode="r")
-    except (OSError, ValueError):
+        a = {}
+        for name, (dtype, shape, offset) in meta["arrays"].items():
+            count = int(np.prod(shape))
+            a[name] = np.frombuffer(whole, np.dtype(dtype), count, start + offset).reshape(shape)
+    except (OSError, ValueError, KeyError, TypeError):   # not an index of this layout
         return None
-    a = {}
-    for name, (dtype, shape, offset) in meta["arrays"].items():
-        count = int(np.prod(shape))
-        a[name] = np.frombuffer(whole, np.dtype(dtype), count, start + offset).reshape(shape)
     return DatasetIndex(
         root=Path(root if root is not None else meta["root"]), key=meta["key"],
         files=PathTable(a["paths_blob"], a["paths_offsets"]), labels=a["labels"],
