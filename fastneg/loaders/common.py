@@ -139,9 +139,10 @@ def replace_failed(samples: np.ndarray, start: int, stop: int, failed) -> np.nda
     samples of the shard after the batch (wrapping around) that are neither failed nor already in
     the batch (or, in a shard too small for that, by any good sample).
 
-    A function of (samples, start, stop, failed) only. Learning of more failures only swaps the
-    newly failed replacements for later ones, so a batch planned before or after a failure is
-    known comes out the same once its own failures are known. ValueError if no sample is good.
+    A function of (samples, start, stop, failed) only, and only of the failures it meets: once
+    the failures among a batch and its replacements are known, the batch is the same whether
+    they were learnt in this epoch or an earlier one (or before a resume). ValueError if no
+    sample is good.
     """
     batch = np.array(samples[start:stop], np.int64)
     slots = [k for k, i in enumerate(batch.tolist()) if i in failed]
