@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMAGENET_1K = 1_281_167
 VARIANTS = 16          # distinct encoded images written under the many names
+MARKER = ".fastneg-scale"   # in a generated folder: "<images> <classes>"
 
 
 def memory_mb() -> dict:
@@ -211,14 +212,18 @@ def main(argv=None) -> int:
     workers = args.workers or available_cpus()
     work = Path(tempfile.mkdtemp(prefix="fastneg-scale-"))
     root = args.keep or work / "imagefolder"
-    out = {"images": args.images, "classes": args.classes, "entries": args.entries,
+    out = {"load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()), "images": args.images, "classes": args.classes, "entries": args.entries,
            "ranks": args.ranks, "cpus": available_cpus(), "workers": workers}
     try:
-        existing = sum(len(files) for _, _, files in os.walk(root)) if root.exists() else 0
-        if existing != args.images:
+        marker = root / MARKER
+        if root.exists() and any(root.iterdir()) and not marker.exists():
+            ap.error(f"--keep {root} exists and was not written by this benchmark")
+        wanted = f"{args.images} {args.classes}"
+        if not marker.exists() or marker.read_text() != wanted:
             shutil.rmtree(root, ignore_errors=True)
             print(f"writing {args.images} files into {root} ...", flush=True)
             out["generate_s"] = generate_folder(root, args.images, args.classes)
+            marker.write_text(wanted)
         for stale in root.glob(INDEX_NAME + "*"):
             stale.unlink()
         print("building the index (cold) ...", flush=True)
@@ -229,60 +234,81 @@ def main(argv=None) -> int:
         print(f"{args.ranks} ranks: check + read the index, then a torch loader's first "
               "batch ...", flush=True)
         folder_rows = run_ranks("index", root, args.ranks)
+        print("the same with 1 rank alone ...", flush=True)
+        solo_rows = run_ranks("index", root, 1)
         print(f"synthetic index of {args.entries} entries ...", flush=True)
         synthetic = work / "synthetic-index"
         out["synthetic_write_s"] = synthetic_index(synthetic, args.entries, args.classes)
         out["synthetic_index_bytes"] = synthetic.stat().st_size
         synthetic_rows = run_ranks("synthetic", synthetic, args.ranks)
+        report(args, out, folder_rows, solo_rows, synthetic_rows)
     finally:
+        print("removing the generated files ...", flush=True)
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
+
+def report(args, out: dict, folder_rows: list[dict], solo_rows: list[dict],
+           synthetic_rows: list[dict]) -> None:
+    """Print the table and write the JSON."""
     scale = args.target / args.images
     scale_synthetic = args.target / args.entries    # memory and read: from the synthetic index
     per_rank = {k: summarize(folder_rows, k) for k in
                 ("check_s", "read_s", "index_rss_mb", "index_pss_mb", "first_batch_s",
                  "first_batch_warm_s", "process_rss_mb")}
+    solo = solo_rows[0]
+    solo_fixed = max(0.0, solo["first_batch_s"] - solo["first_batch_warm_s"])
     synth = {k: summarize(synthetic_rows, k) for k in
              ("read_s", "index_rss_mb", "index_pss_mb", "order_shard_s")}
-    out |= {"folder_ranks": folder_rows, "synthetic_ranks": synthetic_rows,
+    out |= {"folder_ranks": folder_rows, "solo": solo, "synthetic_ranks": synthetic_rows,
             "per_rank": per_rank, "synthetic": synth}
     # The first loader's start-up less the second's does not grow with the dataset.
     fixed = max(0.0, per_rank["first_batch_s"]["max"] - per_rank["first_batch_warm_s"]["max"])
     rows = [
-        ("index build, once per dataset (s)", out["build_s"], out["build_s"] * scale, None),
+        ("index build, once per dataset (s)", out["build_s"], out["build_s"] * scale,
+         None, None, None),
         ("freshness check per rank: list + stat (s, max)", per_rank["check_s"]["max"],
-         per_rank["check_s"]["max"] * scale, None),
+         per_rank["check_s"]["max"] * scale, solo["check_s"], solo["check_s"] * scale, None),
         ("index read per rank (s, max)", per_rank["read_s"]["max"],
-         synth["read_s"]["max"] * scale_synthetic, synth["read_s"]["max"]),
-        ("epoch order + shard per rank (s, max)", None, None, synth["order_shard_s"]["max"]),
+         synth["read_s"]["max"] * scale_synthetic, solo["read_s"], None,
+         synth["read_s"]["max"]),
+        ("epoch order + shard per rank (s, max)", None, None, None, None,
+         synth["order_shard_s"]["max"]),
         ("start-up to first batch, warm index (s, max)", per_rank["first_batch_s"]["max"],
-         fixed + per_rank["first_batch_warm_s"]["max"] * scale, None),
-        ("  of which fixed: compiles, imports excluded (s)", fixed, fixed, None),
+         fixed + per_rank["first_batch_warm_s"]["max"] * scale, solo["first_batch_s"],
+         solo_fixed + solo["first_batch_warm_s"] * scale, None),
+        ("  of which fixed: compiles, imports excluded (s)", fixed, fixed, solo_fixed,
+         solo_fixed, None),
         ("index memory per rank, RSS (MB, max)", per_rank["index_rss_mb"]["max"],
-         synth["index_rss_mb"]["max"] * scale_synthetic, synth["index_rss_mb"]["max"]),
+         synth["index_rss_mb"]["max"] * scale_synthetic, solo["index_rss_mb"], None,
+         synth["index_rss_mb"]["max"]),
         ("index memory per rank, PSS (MB, max)", per_rank["index_pss_mb"]["max"],
-         synth["index_pss_mb"]["max"] * scale_synthetic, synth["index_pss_mb"]["max"]),
+         synth["index_pss_mb"]["max"] * scale_synthetic, solo["index_pss_mb"], None,
+         synth["index_pss_mb"]["max"]),
         ("process RSS per rank after the first batch (MB, max)",
-         per_rank["process_rss_mb"]["max"], None, None),
+         per_rank["process_rss_mb"]["max"], None, solo["process_rss_mb"], None, None),
         ("index file size (MB)", out["index_bytes"] / 2 ** 20,
-         out["index_bytes"] / 2 ** 20 * scale, out["synthetic_index_bytes"] / 2 ** 20),
+         out["index_bytes"] / 2 ** 20 * scale, None, None,
+         out["synthetic_index_bytes"] / 2 ** 20),
     ]
-    out["table"] = [dict(zip(("metric", "measured", "extrapolated", "synthetic"), r))
-                    for r in rows]
+    columns = ("metric", "measured", "extrapolated", "measured_1_rank", "extrapolated_1_rank",
+               "synthetic")
+    out["table"] = [dict(zip(columns, r)) for r in rows]
 
     def cell(v):
         return "-" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}"
 
     print(f"\n{args.ranks} ranks on {out['cpus']} cores; folder of {args.images} files, "
-          f"synthetic index of {args.entries} entries\n")
-    print(f"| metric | {args.images} files | extrapolated to {args.target} | "
-          f"synthetic {args.entries} |")
-    print("|---|---:|---:|---:|")
+          f"synthetic index of {args.entries} entries; load average before: "
+          f"{out['load_before']}\n")
+    print(f"| metric | {args.images} files, {args.ranks} ranks | extrapolated to {args.target} "
+          f"| {args.images} files, 1 rank | extrapolated, 1 rank | synthetic {args.entries}, "
+          f"{args.ranks} ranks |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, *values in rows:
         print(f"| {name} | " + " | ".join(cell(v) for v in values) + " |")
     args.json.write_text(json.dumps(out, indent=2, default=str))
-    print(f"\nwrote {args.json}")
-    return 0
+    print(f"\nwrote {args.json}", flush=True)
 
 
 if __name__ == "__main__":
