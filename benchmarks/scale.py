@@ -27,9 +27,11 @@ Measured:
 - the same read for the synthetic index, and the epoch order + shard of 1.28M samples.
 
 Extrapolation to --target (1,281,167) files: linear in the number of files, from the folder's
-per-file costs for build, check and start-up, from the synthetic index for read and memory; for start-up, the first loader's extra time over the second (compiles) is kept
-fixed and the second's time is scaled (conservative: its own fixed costs are scaled too). Read,
-memory and the epoch order at 1.28M are measured directly on the synthetic index. Prints a table and writes --json.
+per-file costs for build, check and start-up, from the synthetic index for read and memory.
+For start-up, the first loader's extra time over the second (compiles) is kept fixed and the
+second's time is scaled (conservative: its own fixed costs are scaled too). The per-rank phase
+also runs with 1 rank alone: with more ranks than cores, the ranks' times include waiting for a
+core, which a node with a core per rank does not have. Prints a table and writes --json.
 """
 from __future__ import annotations
 
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
     workers = args.workers or available_cpus()
     work = Path(tempfile.mkdtemp(prefix="fastneg-scale-"))
     root = args.keep or work / "imagefolder"
-    out = {"load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()), "images": args.images, "classes": args.classes, "entries": args.entries,
+    out = {"load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+           "images": args.images, "classes": args.classes, "entries": args.entries,
            "ranks": args.ranks, "cpus": available_cpus(), "workers": workers}
     try:
         marker = root / MARKER
