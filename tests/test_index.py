@@ -193,3 +193,13 @@ def test_list_folder_lists_like_scan_image_folder(tmp_path):
         data_index.list_folder(root)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data_index.list_folder(root / "missing")
+
+
+def test_nowhere_to_store_still_checks(root, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))     # the cache cannot be created
+    monkeypatch.setattr(data_index.os, "access", lambda path, mode: False)
+    with pytest.warns(UserWarning, match="checking every file"):
+        index = load_index(root, workers=1)
+    assert index.path is None and len(index.bad) == 1 and len(index) == 7

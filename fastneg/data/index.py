@@ -26,8 +26,8 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,15 +200,16 @@ def index_locations(root) -> list[Path]:
     return [resolved / INDEX_NAME, cache_dir() / f"{resolved.name}-{tag}"]
 
 
-@contextmanager
-def _locked(index_path: Path):
-    """Hold an exclusive flock on the index's lock file (created if needed)."""
+def _lock(index_path: Path) -> int:
+    """Wait for an exclusive flock on the index's lock file (created if needed); closing the
+    returned descriptor releases it."""
     fd = os.open(str(index_path) + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)    # closing releases the lock
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _writable_location(root) -> Path:
@@ -317,6 +318,8 @@ def load_index(root, workers: int | None = None, progress: bool = False,
     Cheap when fresh: one listing and one stat per file, then a memory-mapped read. While one
     process builds, the others wait on its lock and then read what it wrote. `rebuild` forces a
     new check. Errors of scan_image_folder (missing root, empty class folder) pass through.
+    Where neither ROOT nor the user cache can be written, the check runs and is not stored
+    (with a warning): the loaders still start, each process checking every file.
     """
     images, sizes, mtimes = list_folder(root)
     key = folder_state(images, sizes, mtimes)
@@ -324,14 +327,22 @@ def load_index(root, workers: int | None = None, progress: bool = False,
         found = _fresh(root, key)
         if found is not None:
             return found
-    path = _writable_location(root)
-    with _locked(path):
+    try:
+        path = _writable_location(root)
+        lock = _lock(path)
+    except OSError as e:
+        warnings.warn(f"cannot store the index of {root} next to it or in {cache_dir()} ({e}); "
+                      "checking every file in this process", stacklevel=2)
+        return build_index(images, sizes, mtimes, workers, progress)
+    try:
         if not rebuild:   # another process may have built it while we waited for the lock
             found = _fresh(root, key)
             if found is not None:
                 return found
         index = build_index(images, sizes, mtimes, workers, progress)
         write_index(path, index)
+    finally:
+        os.close(lock)
     return read_index(path, root=images.root)
 
 
