@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMAGENET_1K = 1_281_167
 VARIANTS = 16          # distinct encoded images written under the many names
+BATCH = 32             # per rank, for the first batch
 MARKER = ".fastneg-scale"   # in a generated folder: "<images> <classes>"
 
 
@@ -156,7 +157,7 @@ def _rank(task: str, target: str, rank: int, world: int, barrier, queue) -> None
             for name in ("first_batch_s", "first_batch_warm_s"):
                 barrier.wait()
                 t3 = time.perf_counter()
-                loader = build_loader("torch", target, batch_size=32, size=32, device="cpu",
+                loader = build_loader("torch", target, batch_size=BATCH, size=32, device="cpu",
                                       rank=rank, world_size=world, workers=0)
                 next(iter(loader))
                 result[name] = time.perf_counter() - t3
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     for name in ("images", "classes", "entries", "target", "ranks"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.images < BATCH * args.ranks:
+        ap.error(f"--images must be at least {BATCH} per rank ({BATCH * args.ranks})")
 
     from fastneg.data.files import available_cpus
     from fastneg.data.index import INDEX_NAME, load_index

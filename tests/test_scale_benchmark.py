@@ -32,7 +32,7 @@ def test_keep_refuses_a_folder_it_did_not_write(tmp_path, capsys):
 @pytest.mark.slow
 def test_scale_smoke(tmp_path):
     out = tmp_path / "scale.json"
-    cmd = [sys.executable, str(SCRIPT), "--images", "60", "--classes", "3", "--entries", "500",
+    cmd = [sys.executable, str(SCRIPT), "--images", "200", "--classes", "4", "--entries", "500",
            "--ranks", "2", "--json", str(out), "--keep", str(tmp_path / "folder")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -44,4 +44,4 @@ def test_scale_smoke(tmp_path):
     rows = {r["metric"]: r for r in result["table"]}
     assert rows["index build, once per dataset (s)"]["extrapolated"] > 0
     assert "| index read per rank (s, max) |" in proc.stdout
-    assert len(list((tmp_path / "folder").rglob("*.JPEG"))) == 60     # kept
+    assert len(list((tmp_path / "folder").rglob("*.JPEG"))) == 200    # kept
