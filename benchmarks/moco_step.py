@@ -6,10 +6,11 @@
    backward, SGD step) on synthetic normalized batches already on the device, so nothing waits
    for data: the most the model lets a data path deliver.
 2. per loader: the same step fed by finished batches from the real data path (loader ->
-   aug-plus on both views -> negatives, throughput.FastnegBatches). Reported: img/s, its ratio to
-   the ceiling (the target: >= 0.9), data-wait % (host time spent getting the next finished
-   batch, i.e. waiting for the loader plus launching the augmentation and NS kernels, over the
-   wall time), and CPU cores used (CPU-seconds of the process tree per wall second).
+   aug-plus on both views -> negatives, by the trainer's fastneg.step through
+   throughput.FastnegBatches). Reported: img/s, its ratio to the ceiling (the target: >= 0.9),
+   data-wait % (host time spent getting the next finished batch, i.e. waiting for the loader
+   plus launching the augmentation and NS kernels, over the wall time), and CPU cores used
+   (CPU-seconds of the process tree per wall second).
 
 Timing: no per-step synchronisation (it would serialise host and device); the device is
 synchronised once after the warm-up steps and once after the measured steps.
@@ -27,13 +28,12 @@ from pathlib import Path
 # OpenMP threads sleep instead of spinning while they wait, as in throughput.row_environment
 # (spinning starves the loader's workers on shared cores); set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (LOADERS, NEGATIVES, FastnegBatches, ProcessTree,  # noqa: E402
-                        comma_list, non_negative, positive, prepare_ffcv, resolve_device,
-                        write_texture_bank)
+                        benchmark_textures, comma_list, non_negative, positive, prepare_ffcv,
+                        resolve_device, write_texture_bank)
 
 PRECISIONS = ("bf16", "fp32")
 CONVERT_TIMEOUT_S = 600   # one .beton conversion of the dataset, cached next to it
@@ -48,9 +48,10 @@ def build_model(args, device):
     return model, opt
 
 
-def train_step(model, opt, q, k, ns, step, precision):
-    with torch.autocast(q.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss, _ = model(q, k, ns=[] if ns is None else [ns], step=step)
+def train_step(model, opt, views, negatives, step, precision):
+    with torch.autocast(views[0].device.type, dtype=torch.bfloat16,
+                        enabled=precision == "bf16"):
+        loss, _ = model(views[0], views[1], ns=negatives, step=step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -62,13 +63,14 @@ def _sync(device):
 
 
 def synthetic_batches(args, device):
-    """The same three normalized tensors every step (channels_last, as fastneg.augment makes)."""
+    """The same (views, negatives) every step: normalized tensors, channels_last as
+    fastneg.augment makes them."""
     gen = torch.Generator(device=device).manual_seed(args.seed)
     shape = (args.batch_size, 3, args.size, args.size)
-    views = [torch.randn(shape, generator=gen, device=device).contiguous(
+    images = [torch.randn(shape, generator=gen, device=device).contiguous(
         memory_format=torch.channels_last) for _ in range(3)]
     while True:
-        yield views[0], views[1], (views[2] if args.negatives != "none" else None)
+        yield images[:2], (images[2:] if args.negatives != "none" else [])
 
 
 def run_steps(model, opt, batches, args, device, tree):
@@ -80,9 +82,9 @@ def run_steps(model, opt, batches, args, device, tree):
     cpu0, start, wait = tree.cpu_seconds(), time.perf_counter(), 0.0
     for step in range(args.warmup, args.warmup + args.steps):
         t = time.perf_counter()
-        q, k, ns = next(it)
+        views, negatives = next(it)
         wait += time.perf_counter() - t
-        train_step(model, opt, q, k, ns, step, args.precision)
+        train_step(model, opt, views, negatives, step, args.precision)
     _sync(device)
     wall = time.perf_counter() - start
     return (args.steps * args.batch_size / wall, wait / wall,
@@ -94,12 +96,13 @@ def loader_row(args, kind, device, model, opt, tree, ceiling, workdir) -> dict:
            "img_per_s": None, "vs_ceiling": None, "data_wait_pct": None, "cpu_cores": None}
     try:
         source = prepare_ffcv(args.data, CONVERT_TIMEOUT_S) if kind == "ffcv" else args.data
-        bank = None
+        textures = None
         if args.negatives == "texture":
-            bank = torch.from_numpy(np.load(write_texture_bank(args.data, args.size, workdir)))
+            textures = benchmark_textures(write_texture_bank(args.data, args.size, workdir),
+                                          args.data, device)
         batches = FastnegBatches(kind, source, batch_size=args.batch_size, size=args.size,
                                  device=device, workers=args.workers, negatives=args.negatives,
-                                 bank=bank, seed=args.seed)
+                                 textures=textures, seed=args.seed)
     except (ImportError, RuntimeError) as e:   # the loader contract's "not available here"
         return {**row, "status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
     try:

@@ -22,8 +22,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from fastneg.kernels.augment_ops import IMAGENET_MEAN, IMAGENET_STD
 
 
 class PILGaussianBlur:
@@ -47,7 +46,7 @@ def aug_plus(size: int) -> T.Compose:
         T.RandomApply([PILGaussianBlur()], p=0.5),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(MEAN, STD),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 

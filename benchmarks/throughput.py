@@ -5,13 +5,13 @@
 
 One row = one (loader, negatives) pair, measured in a fresh child process (so peak RSS is the
 row's own, a crashing or hanging backend cannot take the others down, and FFCV/DALI state never
-leaks between rows). A row produces *finished training batches*: the loader's two uint8 crops,
-MoCo-v2 aug-plus on both (fastneg.augment), and the negatives, all on the device and ready for
-the model:
+leaks between rows). A row produces *finished training batches*, made by the trainer's own
+step (fastneg.step.make_views_and_negatives): the loader's two uint8 crops, MoCo-v2 aug-plus on
+both, and the negatives, all on the device and ready for the model:
 
     none      q, k
-    patch     q, k, patch NS of the augmented query (fastneg.kernels.patch_negatives)
-    texture   q, k, texture NS: sample_textures from a bank + the query's augmentation draws
+    patch     q, k, patch NS of the augmented query
+    texture   q, k, texture NS: the image's texture from a bank + the query's augmentation draws
 
 Per row: img/s (source images per second) and batches/s over `--batches` batches after
 `--warmup` batches (pipeline build, JIT compiles and the warm-up batches are timed apart, as
@@ -50,6 +50,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fastneg.data.files import available_cpus
+from fastneg.step import PAPER_SIZE, make_views_and_negatives, scaled_patch_range
+
 LOADERS = ("dali", "ffcv", "torch")
 NEGATIVES = ("none", "patch", "texture")
 BASELINE = "published"
@@ -59,18 +62,9 @@ DEFAULT_DATA = REPO / "data" / "imagenet-like"
 # 2 warm-up + 8 measured batches of 64, so no row's timing includes an epoch boundary.
 DEFAULT_IMAGES_PER_CLASS = 64
 TEXTURE_BANK_SIZE = 64
-PAPER_SIZE = 224
-PAPER_PATCH_RANGE = (16, 72)
 RSS_SAMPLE_S = 0.05
 RECORD_KEYS = ("loader", "negatives", "device", "img_per_s", "cpu_s_per_1k", "peak_rss_mb",
                "ratio_vs_baseline")
-
-
-def patch_range_for(size: int) -> tuple[int, int]:
-    """The paper's patch range (16..72 at 224 px), scaled to another training size."""
-    lo = max(1, round(PAPER_PATCH_RANGE[0] * size / PAPER_SIZE))
-    hi = max(lo, min(size - 1, round(PAPER_PATCH_RANGE[1] * size / PAPER_SIZE)))
-    return lo, hi
 
 
 # ---------------------------------------------------------------- measuring a process tree
@@ -133,23 +127,20 @@ class ProcessTree:
 # ---------------------------------------------------------------- finished batches
 
 class FastnegBatches:
-    """Endless finished batches (q, k, ns or None) from a fastneg loader, built eagerly so that
-    an unavailable backend fails here, not at the first batch."""
+    """Endless finished batches (views, negatives) from a fastneg loader, made by the trainer's
+    step (fastneg.step); built eagerly so that an unavailable backend fails here, not at the
+    first batch."""
 
-    def __init__(self, kind, source, *, batch_size, size, device, workers, negatives, bank=None,
-                 seed=0):
-        import torch
+    def __init__(self, kind, source, *, batch_size, size, device, workers, negatives,
+                 textures=None, seed=0):
         from fastneg.augment import MoCoV2Augment
-        from fastneg.kernels import patch_negatives, sample_textures
         from fastneg.loaders import build_loader
         self.loader = build_loader(kind, str(source), batch_size=batch_size, size=size,
                                    device=str(device), seed=seed, workers=workers)
         self.aug = MoCoV2Augment()
-        self.device = torch.device(device)
-        self.negatives, self.size, self.seed = negatives, size, seed
-        self.patch_negatives, self.sample_textures = patch_negatives, sample_textures
-        self.patch_range = patch_range_for(size)
-        self.bank = None if bank is None else bank.to(self.device)
+        self.negatives, self.seed = negatives, seed
+        self.patch_range = scaled_patch_range(size)
+        self.textures = textures
         self.source = source
 
     def __iter__(self):
@@ -166,22 +157,23 @@ class FastnegBatches:
             epoch += 1
 
     def finish(self, batch, step):
-        """Loader batch -> (q, k, ns): both views augmented, the negatives made, on the device."""
-        q_u8, k_u8 = batch.views
-        n = q_u8.shape[0]
-        p_q = self.aug.sample(n, seed=self.seed, step=step, view=0, device=self.device)
-        p_k = self.aug.sample(n, seed=self.seed, step=step, view=1, device=self.device)
-        q = self.aug.apply(q_u8, p_q)
-        k = self.aug.apply(k_u8, p_k)
-        ns = None
-        if self.negatives == "patch":
-            ns = self.patch_negatives(q, layout="nchw", patch_range=self.patch_range,
-                                      seed=self.seed, step=step)
-        elif self.negatives == "texture":
-            ids = batch.indices.to(self.device, non_blocking=True) % self.bank.shape[0]
-            tex = self.sample_textures(self.bank, ids, size=self.size, seed=self.seed, step=step)
-            ns = self.aug.apply(tex, p_q)   # the texture gets the query's augmentation draws
-        return q, k, ns
+        """Loader batch -> (views, negatives), on the device, as the trainer makes them."""
+        return make_views_and_negatives(batch, aug=self.aug, seed=self.seed, step=step,
+                                        negatives=self.negatives, patch_range=self.patch_range,
+                                        textures=self.textures)
+
+
+def benchmark_textures(bank_file: Path, data: Path, device):
+    """The bank write_texture_bank made, as a fastneg.texture.TextureBank on `device` whose
+    map gives image i of `data` the texture i % (textures in the bank)."""
+    import torch
+
+    from fastneg.data.imagefolder import scan_image_folder
+    from fastneg.texture import TextureBank
+    textures = torch.from_numpy(np.load(bank_file)).to(device)
+    rows = torch.arange(len(scan_image_folder(data))) % textures.shape[0]
+    return TextureBank(textures, rows, {"size": textures.shape[1]},
+                       "cuda" if textures.device.type == "cuda" else "mmap")
 
 
 def prepare_ffcv(data: Path, timeout: float) -> Path:
@@ -260,22 +252,21 @@ def measure_row(args) -> dict:
 
 
 def _build_row(args, loader, negatives, device):
-    import torch
     if loader == BASELINE:
         from published_baseline import published_batches, published_loader
         textures = (sorted(Path(args.workdir).glob("texture_*.jpg")) if negatives == "texture"
                     else ())
         dl = published_loader(args.data, batch_size=args.batch_size, size=args.size,
                               negatives=negatives, workers=args.baseline_workers, device=device,
-                              seed=args.seed, patch_range=patch_range_for(args.size),
+                              seed=args.seed, patch_range=scaled_patch_range(args.size),
                               texture_files=textures)
         return published_batches(dl, device)
-    bank = None
+    textures = None
     if negatives == "texture":
-        bank = torch.from_numpy(np.load(Path(args.workdir) / "bank.npy"))
+        textures = benchmark_textures(Path(args.workdir) / "bank.npy", args.data, device)
     return FastnegBatches(loader, args.source or args.data, batch_size=args.batch_size,
                           size=args.size, device=device, workers=args.workers,
-                          negatives=negatives, bank=bank, seed=args.seed)
+                          negatives=negatives, textures=textures, seed=args.seed)
 
 
 def _sync(device):
@@ -424,7 +415,7 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores usable"
+    return f"{cpu}, {available_cpus()} cores usable"
 
 
 def resolve_device(name: str | None) -> str:
@@ -537,7 +528,7 @@ def main(argv=None) -> int:
     args.data = args.data.resolve()
     if args.baseline_workers is None:
         args.baseline_workers = (args.workers if args.workers is not None
-                                 else len(os.sched_getaffinity(0)))
+                                 else available_cpus())
     rows = ([(BASELINE, n) for n in args.negatives]
             + [(k, n) for k in args.loaders for n in args.negatives])
     title = (f"{images} images in {args.data.name}, batch {args.batch_size}, {args.size} px, "

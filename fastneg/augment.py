@@ -20,7 +20,7 @@ devices batched torch ops (below), which are also the reference the CPU kernel i
 
 Draws: every random number comes from fastneg.kernels.rng, u32 = mix(seed, step, sample, slot)
 with sample = `first + row` and slot = slot(STREAM_AUGMENT, view * SLOTS_PER_VIEW + k); k is one
-of the _K_* constants below. Give each view of a pair its own `view` and each DDP rank its own
+of the _COL_* constants below. Give each view of a pair its own `view` and each DDP rank its own
 `first` (e.g. rank * n), so that no two images ever share draws unless asked to.
 
 Numerics: each op follows torchvision.transforms.v2's float formulas (values clamped to the
@@ -45,18 +45,15 @@ import torch
 import torch.nn.functional as F
 
 from fastneg.kernels import rng
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-LUMA = (0.2989, 0.587, 0.114)            # torchvision's rgb_to_grayscale weights
-BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)   # op ids, as torchvision's ColorJitter fn_idx
+from fastneg.kernels.augment_ops import (CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, LUMA,
+                                         SATURATION)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLUR_KERNEL_FRACTION = 0.1               # kernel ~10% of the side (SimCLR / MoCo-v2: 23 at 224)
 
 # Slot k of each draw within one view; column k of the packed array that sample() fills.
-_K_FLIP, _K_JITTER, _K_BRIGHTNESS, _K_CONTRAST, _K_SATURATION, _K_HUE = range(6)
-_K_ORDER = 6                             # 4 columns (a permutation), from 3 Fisher-Yates draws
-_K_GRAY, _K_BLUR, _K_SIGMA = 10, 11, 12
+_COL_FLIP, _COL_JITTER, _COL_BRIGHTNESS, _COL_CONTRAST, _COL_SATURATION, _COL_HUE = range(6)
+_COL_ORDER = 6                           # 4 columns (a permutation), from 3 Fisher-Yates draws
+_COL_GRAY, _COL_BLUR, _COL_SIGMA = 10, 11, 12
 _COLUMNS = 13
 SLOTS_PER_VIEW = 16                      # room for a few more draws without moving other views
 MAX_VIEWS = (1 << rng.SLOT_BITS) // SLOTS_PER_VIEW
@@ -107,33 +104,27 @@ def _draw(seed, step, first, slot0, flip_p, jitter_p, gray_p, blur_p, lo, hi, ou
     """Fill out [N, _COLUMNS]; lo/hi: ranges of brightness, contrast, saturation, hue, sigma."""
     for row in range(out.shape[0]):
         s = first + row
-        out[row, _K_FLIP] = _coin(seed, step, s, slot0 + _K_FLIP, flip_p)
-        out[row, _K_JITTER] = _coin(seed, step, s, slot0 + _K_JITTER, jitter_p)
+        out[row, _COL_FLIP] = _coin(seed, step, s, slot0 + _COL_FLIP, flip_p)
+        out[row, _COL_JITTER] = _coin(seed, step, s, slot0 + _COL_JITTER, jitter_p)
         for j in range(4):
-            u = rng.uniform_cpu(seed, step, s, slot0 + _K_BRIGHTNESS + j)
-            out[row, _K_BRIGHTNESS + j] = lo[j] + (hi[j] - lo[j]) * u
+            u = rng.uniform_cpu(seed, step, s, slot0 + _COL_BRIGHTNESS + j)
+            out[row, _COL_BRIGHTNESS + j] = lo[j] + (hi[j] - lo[j]) * u
         perm = np.arange(4)
         for j in range(3, 0, -1):      # Fisher-Yates: uniform over the 24 orders
-            r = rng.randint_cpu(seed, step, s, slot0 + _K_ORDER + j - 1, 0, j)
+            r = rng.randint_cpu(seed, step, s, slot0 + _COL_ORDER + j - 1, 0, j)
             perm[j], perm[r] = perm[r], perm[j]
         for j in range(4):
-            out[row, _K_ORDER + j] = perm[j]
-        out[row, _K_GRAY] = _coin(seed, step, s, slot0 + _K_GRAY, gray_p)
-        out[row, _K_BLUR] = _coin(seed, step, s, slot0 + _K_BLUR, blur_p)
-        u = rng.uniform_cpu(seed, step, s, slot0 + _K_SIGMA)
-        out[row, _K_SIGMA] = lo[4] + (hi[4] - lo[4]) * u
+            out[row, _COL_ORDER + j] = perm[j]
+        out[row, _COL_GRAY] = _coin(seed, step, s, slot0 + _COL_GRAY, gray_p)
+        out[row, _COL_BLUR] = _coin(seed, step, s, slot0 + _COL_BLUR, blur_p)
+        u = rng.uniform_cpu(seed, step, s, slot0 + _COL_SIGMA)
+        out[row, _COL_SIGMA] = lo[4] + (hi[4] - lo[4]) * u
 
 
 def _probability(name, p):
     if not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
     return float(p)
-
-
-def _counter(name, v):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2 ** 63:
-        raise ValueError(f"{name} must be an integer in [0, 2**63), got {v!r}")
-    return int(v)
 
 
 def _channels(name, v):
@@ -188,9 +179,10 @@ class MoCoV2Augment:
     def sample(self, n: int, *, seed: int, step: int, view: int = 0, first: int = 0,
                device=None) -> AugParams:
         """Draws for rows 0..n-1 (sample counters first..first+n-1) of view `view` at `step`."""
-        n = _counter("n", n)
-        seed, step, first = _counter("seed", seed), _counter("step", step), _counter("first", first)
-        view = _counter("view", view)
+        n = rng.check_counter("n", n)
+        seed, step = rng.check_counter("seed", seed), rng.check_counter("step", step)
+        first = rng.check_counter("first", first)
+        view = rng.check_counter("view", view)
         if view >= MAX_VIEWS:
             raise ValueError(f"view must be < {MAX_VIEWS}, got {view}")
         packed = np.empty((n, _COLUMNS), np.float32)
@@ -202,11 +194,11 @@ class MoCoV2Augment:
             # one asynchronous copy of the packed draws from pinned memory, split on the device
             t = t.pin_memory().to(device, non_blocking=True)
         return AugParams(
-            flip=t[:, _K_FLIP] > 0.5, jitter_on=t[:, _K_JITTER] > 0.5,
-            brightness=t[:, _K_BRIGHTNESS], contrast=t[:, _K_CONTRAST],
-            saturation=t[:, _K_SATURATION], hue=t[:, _K_HUE],
-            order=t[:, _K_ORDER:_K_ORDER + 4].long(),
-            gray=t[:, _K_GRAY] > 0.5, blur_on=t[:, _K_BLUR] > 0.5, sigma=t[:, _K_SIGMA])
+            flip=t[:, _COL_FLIP] > 0.5, jitter_on=t[:, _COL_JITTER] > 0.5,
+            brightness=t[:, _COL_BRIGHTNESS], contrast=t[:, _COL_CONTRAST],
+            saturation=t[:, _COL_SATURATION], hue=t[:, _COL_HUE],
+            order=t[:, _COL_ORDER:_COL_ORDER + 4].long(),
+            gray=t[:, _COL_GRAY] > 0.5, blur_on=t[:, _COL_BLUR] > 0.5, sigma=t[:, _COL_SIGMA])
 
     def __call__(self, x: torch.Tensor, *, seed: int, step: int, view: int = 0,
                  first: int = 0) -> torch.Tensor:
@@ -235,7 +227,7 @@ class MoCoV2Augment:
 
     def _apply_fused_cpu(self, x, p):
         """apply() on CPU tensors: pack the draws, one call of fastneg.augment_cpu's kernel."""
-        from fastneg import augment_cpu    # imports this module: import it once both exist
+        from fastneg import augment_cpu    # loaded on the first CPU batch
         n, h, w, _ = x.shape
         # the torch path skips an op whose probability is 0 whatever the draws say: so does this
         flags = torch.stack([p.flip & (self.flip_p > 0), p.jitter_on & (self.jitter_p > 0),

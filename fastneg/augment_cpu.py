@@ -22,7 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from fastneg.augment import BRIGHTNESS, CONTRAST, HUE, SATURATION
+from fastneg.kernels.augment_ops import BRIGHTNESS, CONTRAST, HUE, SATURATION
 
 # Flag columns of the uint8 [N, 4] array fused_aug_plus takes.
 FLIP, JITTER, GRAY, BLUR = range(4)

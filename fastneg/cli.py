@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from fastneg.data.files import UnreadableFiles
+
 VERB_MODULES = [
     "fastneg.data.cli",        # make-data
     "fastneg.data.convert",    # convert
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError,
-            ValueError) as e:
+            ValueError, UnreadableFiles) as e:
         # Expected user errors: one clear line, no traceback.
         print(f"fastneg {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -231,13 +231,14 @@ class MoCo(nn.Module):
         q = self.encode_query(im_q)
         self.momentum_update()
         k = self.encode_momentum(im_k, step)
-        t = torch.stack([self.encode_momentum(x, step) for x in ns], 1) if len(ns) else None
+        ns_keys = (torch.stack([self.encode_momentum(x, step) for x in ns], 1) if len(ns)
+                   else None)
         # The loss in float32 whatever autocast does around it: logits / T over K + 1 classes.
         with torch.autocast(q.device.type, enabled=False):
             # The queue is cloned: the in-place enqueue below would clash with autograd's copy.
             loss, logits = ns_contrastive_loss(
-                q.float(), k.float(), self.queue.clone(), None if t is None else t.float(),
-                T=self.T, alpha=self.alpha)
+                q.float(), k.float(), self.queue.clone(),
+                None if ns_keys is None else ns_keys.float(), T=self.T, alpha=self.alpha)
         self.dequeue_and_enqueue(k.float())
         return loss, logits
 
@@ -256,7 +257,8 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     """A trainer checkpoint as a dict, loaded with weights_only=True (no arbitrary unpickling).
 
     Raises FileNotFoundError for a missing file and ValueError naming the file for a truncated,
-    foreign or object-holding one.
+    foreign or object-holding one, one whose bytes fail the zip's CRC-32 checks (a flipped
+    bit), args missing or of the wrong type, or weights that are not finite.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -264,6 +266,13 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if not zipfile.is_zipfile(path):   # torch.save writes a zip archive, complete with its index
         raise ValueError(f"checkpoint {path} is truncated or not a torch checkpoint "
                          "(not a complete zip archive as torch.save writes)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()        # reads every record and checks its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt ({e})") from None
+    if damaged is not None:
+        raise ValueError(f"checkpoint {path} is damaged: record {damaged} fails its checksum")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -273,7 +282,39 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or not {"model", "args"} <= ckpt.keys():
         raise ValueError(f"{path} is not a fastneg MoCo checkpoint (no 'model' and 'args' entries)")
+    _check_contents(ckpt, path)
     return ckpt
+
+
+# args a checkpoint must carry to rebuild its model and data view, with their types
+CHECKPOINT_ARGS = {"arch": str, "dim": int, "moco_k": int, "moco_m": (int, float),
+                   "moco_t": (int, float), "size": int}
+CHECKPOINT_OPTIONAL_ARGS = {"alpha": (int, float), "mlp_hidden": int, "cifar_stem": bool,
+                            "bn": str, "seed": int}
+
+
+def _check_contents(ckpt: dict, path) -> None:
+    """ValueError naming the file for args that are missing or of the wrong type, a step that
+    is not an integer, or weights that are not finite (NaN or inf)."""
+    args = ckpt["args"]
+    if not isinstance(args, dict):
+        raise ValueError(f"checkpoint {path}: 'args' is a {type(args).__name__}, not a dict")
+    missing = [k for k in CHECKPOINT_ARGS if k not in args]
+    if missing:
+        raise ValueError(f"checkpoint {path}: args lack {', '.join(missing)}")
+    for name, kind in {**CHECKPOINT_ARGS, **CHECKPOINT_OPTIONAL_ARGS}.items():
+        v = args.get(name)
+        if name in args and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
+            raise ValueError(f"checkpoint {path}: args[{name!r}] is {v!r}, not of the "
+                             f"expected type")
+    if "step" in ckpt and (not isinstance(ckpt["step"], int) or ckpt["step"] < 0):
+        raise ValueError(f"checkpoint {path}: step is {ckpt['step']!r}, not an integer >= 0")
+    if not isinstance(ckpt["model"], dict):
+        raise ValueError(f"checkpoint {path}: 'model' is not a state dict")
+    for name, t in ckpt["model"].items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"checkpoint {path}: weights {name} are not finite (NaN or inf); "
+                             "the file is damaged or the run diverged")
 
 
 def load_encoder(path, device="cpu") -> tuple[nn.Module, dict]:

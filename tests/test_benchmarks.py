@@ -128,12 +128,6 @@ def test_published_patch_loop_copies_windows_of_the_query():
         assert lo <= d <= hi and y < size - d and x < size - d
 
 
-def test_patch_range_scales_the_papers_range():
-    assert throughput.patch_range_for(224) == (16, 72)
-    lo, hi = throughput.patch_range_for(64)
-    assert 1 <= lo <= hi <= 63
-
-
 @pytest.mark.slow
 def test_moco_step_smoke_on_cpu(tiny_data, tmp_path):
     pytest.importorskip("fastneg.moco")

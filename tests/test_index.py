@@ -180,15 +180,21 @@ def test_list_folder_lists_like_scan_image_folder(tmp_path):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x" * len(name))
     (root / "d" / "link").symlink_to(root / "c" / "a")
+    (root / "c" / "a" / "x" / "loop").symlink_to(root / "c" / "a")
+    (root / "d" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"latin-1 name")
     images, sizes, mtimes = data_index.list_folder(root)
     expected = scan_image_folder(root)
     assert images.files == expected.files and images.classes == expected.classes
+    assert images.ignored == expected.ignored == {".txt": 1}
+    assert images.repeated_dirs == expected.repeated_dirs and images.repeated_dirs
+    assert list(data_index.PathTable.from_strings(images.files)) == list(images.files)
     assert images.labels.tolist() == expected.labels.tolist()
     assert sizes.tolist() == [os.path.getsize(expected.path(i)) for i in range(len(expected))]
     assert mtimes.tolist() == [os.stat(expected.path(i)).st_mtime_ns
                                for i in range(len(expected))]
     (root / "d" / "z.jpg").unlink()
     (root / "d" / "link").unlink()
+    (root / "d" / os.fsdecode(b"caf\xe9.jpg")).unlink()
     with pytest.raises(FileNotFoundError, match="without images"):
         data_index.list_folder(root)
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -30,7 +30,7 @@ def _images(dtype, layout, channels_last, seed=0, shape=(2, H, W, 3)):
 def _simulated_patch(x, layout, mode, seed, step, blocks, threads, patch_range=PATCH_RANGE):
     """patch_negatives of x through the CUDA kernels on simulator arrays, as _patch_cuda does."""
     from numba import cuda
-    geometry = patch.plan(x.shape, layout, patch_range, mode)
+    geometry = patch.patch_geometry(x.shape, layout, patch_range, mode)
     src, q = patch.memory_rows(x, layout)
     out = torch.full_like(x, 77)                              # poisoned
     dst, _ = patch.memory_rows(out, layout)

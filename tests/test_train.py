@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastneg.data.files import available_cpus
 from fastneg.data.synthetic import DatasetSpec, make_dataset
 from fastneg.loaders import available_kinds
 from fastneg.moco import read_checkpoint
@@ -46,7 +47,7 @@ def single_process(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     yield
-    torch.set_num_threads(len(os.sched_getaffinity(0)))   # main() sets it per process
+    torch.set_num_threads(available_cpus())   # main() sets it per process
 
 
 @pytest.mark.slow

@@ -44,13 +44,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU the loader's threads share the cores
 # with torch's. Set before torch starts OpenMP.
@@ -60,19 +62,21 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: E402
+from fastneg.data.files import available_cpus  # noqa: E402
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
-from fastneg.kernels import patch_negatives, sample_textures  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
-from fastneg.moco import ARCHS, BN_MODES, build_model, read_checkpoint  # noqa: E402
+from fastneg import rundir  # noqa: E402
+from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
+from fastneg.step import NEGATIVES, make_views_and_negatives, scaled_patch_range  # noqa: E402
 
-NEGATIVES = ("none", "patch", "texture", "both")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PAPER_SIZE, PAPER_PATCH_RANGE = 224, (16, 72)
+LOG_COLUMNS = ["step", "epoch", "loss", "lr", "img_per_s", "data_wait_pct", "elapsed_s"]
 
 # Lowest priority first: base defaults, then per-device defaults, then a preset, then the
 # checkpoint's args on --resume, then flags given on the command line.
 DEFAULTS = dict(loader="dali", negatives="patch", alpha=2.0, patch_range=None, texture_bank=None,
-                cifar_stem=False, crop_scale=[0.2, 1.0], lr=0.06, wd=1e-4, epochs=30, warmup_epochs=1, moco_k=1024,
+                cifar_stem=False, crop_scale=[0.2, 1.0], lr=0.06, wd=1e-4, epochs=30,
+                warmup_epochs=1, moco_k=1024,
                 moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn="shuffle",
                 channels_last=True, seed=0, save_every=10, log_every=10, workers=None,
                 compile=False, max_steps=None, eval=False, skip_bad=False)
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "presets and multi-GPU / multi-node use).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
 
-    def a(flag, help, **kw):
+    def add_flag(flag, help, **kw):
         """A flag whose help ends with its default; every default is None here and filled in
         by resolve_args, so that the flags given on the command line are known."""
         name = flag[2:].replace("-", "_")
@@ -117,52 +121,53 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{DEVICE_DEFAULTS['cuda'][name]} on GPU)")
         p.add_argument(flag, help=help, **kw)
 
-    a("--preset", "a named set of settings (see below)", choices=sorted(PRESETS))
-    a("--data", "dataset ROOT holding ROOT/train (default: the embedded dataset)")
-    a("--loader", "data loader backend", choices=KINDS)
-    a("--workers", "loader worker threads or processes (default: the loader's choice)", type=int)
-    a("--skip-bad", "train without the files no decoder can read instead of stopping; one that "
-      "fails mid-run is replaced by another image of the same shard, so batches keep their size",
-      action=argparse.BooleanOptionalAction)
-    a("--negatives", "non-semantic negatives", choices=NEGATIVES)
-    a("--alpha", "NS logit scale, inside the exponent", type=float)
-    a("--patch-range", "patch side range in pixels, both ends included (default: 16..72 "
-      "scaled from 224 px to --size)", type=int, nargs=2, metavar=("LO", "HI"))
-    a("--texture-bank", "texture bank folder, needed by --negatives texture|both (made with "
-      "`fastneg build-bank`)")
-    a("--arch", "backbone", choices=ARCHS)
-    a("--cifar-stem", "3x3 stride-1 stem without max-pool, for images of about 32 px",
-      action=argparse.BooleanOptionalAction)
-    a("--size", "training resolution in pixels", type=int)
-    a("--crop-scale", "area range of the random resized crops, as fractions of the image; "
-      "a milder range such as 0.4 1 keeps small shapes whole", type=float, nargs=2,
-      metavar=("LO", "HI"))
-    a("--batch-size", "global batch, split over the processes", type=int)
-    a("--lr", "learning rate per 256 images; the optimizer uses lr * batch-size / 256",
-      type=float)
-    a("--wd", "weight decay", type=float)
-    a("--epochs", "epochs (sets the length of the cosine schedule)", type=int)
-    a("--warmup-epochs", "linear warmup before the cosine, in epochs", type=float)
-    a("--moco-k", "queue size, a multiple of the global batch", type=int)
-    a("--moco-m", "key encoder momentum", type=float)
-    a("--moco-t", "softmax temperature", type=float)
-    a("--dim", "feature dimension", type=int)
-    a("--mlp-hidden", "hidden width of the MLP head", type=int)
-    a("--bn", "BatchNorm treatment of keys and NS across ranks", choices=BN_MODES)
-    a("--device", "device (default: cuda when available)", choices=("cpu", "cuda"))
-    a("--precision", "autocast dtype", choices=sorted(PRECISIONS))
-    a("--channels-last", "channels_last memory for images and model",
-      action=argparse.BooleanOptionalAction)
-    a("--compile", "torch.compile the encoders", action=argparse.BooleanOptionalAction)
-    a("--seed", "seed of every random draw", type=int)
-    a("--out", "run directory (default runs/moco-<date>-<time>)")
-    a("--resume", "continue the run in RUN_DIR (or from a .pt file)", metavar="RUN_DIR")
-    a("--max-steps", "stop after this many steps in all (smoke runs); the schedule still "
-      "follows --epochs", type=int)
-    a("--save-every", "epochs between checkpoint_epochNNN.pt files", type=int)
-    a("--log-every", "steps between log lines", type=int)
-    a("--eval", "at the end, run `fastneg eval` on the final checkpoint (rank 0)",
-      action=argparse.BooleanOptionalAction)
+    add_flag("--preset", "a named set of settings (see below)", choices=sorted(PRESETS))
+    add_flag("--data", "dataset ROOT holding ROOT/train (default: the embedded dataset)")
+    add_flag("--loader", "data loader backend", choices=KINDS)
+    add_flag("--workers", "loader worker threads or processes (default: the loader's choice)",
+             type=int)
+    add_flag("--skip-bad", "train without the files no decoder can read instead of stopping; "
+             "one that fails mid-run is replaced by another image of the same shard, so "
+             "batches keep their size", action=argparse.BooleanOptionalAction)
+    add_flag("--negatives", "non-semantic negatives", choices=NEGATIVES)
+    add_flag("--alpha", "NS logit scale, inside the exponent", type=float)
+    add_flag("--patch-range", "patch side range in pixels, both ends included (default: 16..72 "
+             "scaled from 224 px to --size)", type=int, nargs=2, metavar=("LO", "HI"))
+    add_flag("--texture-bank", "texture bank folder, needed by --negatives texture|both (made with "
+             "`fastneg build-bank`)")
+    add_flag("--arch", "backbone", choices=ARCHS)
+    add_flag("--cifar-stem", "3x3 stride-1 stem without max-pool, for images of about 32 px",
+             action=argparse.BooleanOptionalAction)
+    add_flag("--size", "training resolution in pixels", type=int)
+    add_flag("--crop-scale", "area range of the random resized crops, as fractions of the image; "
+             "a milder range such as 0.4 1 keeps small shapes whole", type=float, nargs=2,
+             metavar=("LO", "HI"))
+    add_flag("--batch-size", "global batch, split over the processes", type=int)
+    add_flag("--lr", "learning rate per 256 images; the optimizer uses lr * batch-size / 256",
+             type=float)
+    add_flag("--wd", "weight decay", type=float)
+    add_flag("--epochs", "epochs (sets the length of the cosine schedule)", type=int)
+    add_flag("--warmup-epochs", "linear warmup before the cosine, in epochs", type=float)
+    add_flag("--moco-k", "queue size, a multiple of the global batch", type=int)
+    add_flag("--moco-m", "key encoder momentum", type=float)
+    add_flag("--moco-t", "softmax temperature", type=float)
+    add_flag("--dim", "feature dimension", type=int)
+    add_flag("--mlp-hidden", "hidden width of the MLP head", type=int)
+    add_flag("--bn", "BatchNorm treatment of keys and NS across ranks", choices=BN_MODES)
+    add_flag("--device", "device (default: cuda when available)", choices=("cpu", "cuda"))
+    add_flag("--precision", "autocast dtype", choices=sorted(PRECISIONS))
+    add_flag("--channels-last", "channels_last memory for images and model",
+             action=argparse.BooleanOptionalAction)
+    add_flag("--compile", "torch.compile the encoders", action=argparse.BooleanOptionalAction)
+    add_flag("--seed", "seed of every random draw", type=int)
+    add_flag("--out", "run directory (default runs/moco-<date>-<time>)")
+    add_flag("--resume", "continue the run in RUN_DIR (or from a .pt file)", metavar="RUN_DIR")
+    add_flag("--max-steps", "stop after this many steps in all (smoke runs); the schedule still "
+             "follows --epochs", type=int)
+    add_flag("--save-every", "epochs between checkpoint_epochNNN.pt files", type=int)
+    add_flag("--log-every", "steps between log lines", type=int)
+    add_flag("--eval", "at the end, run `fastneg eval` on the final checkpoint (rank 0)",
+             action=argparse.BooleanOptionalAction)
     return p
 
 
@@ -177,10 +182,13 @@ def resolve_args(parser, argv=None):
     resumed = {}
     if args.resume:
         path = Path(args.resume)
-        ckpt = read_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+        ckpt_file, ckpt, note = rundir.resume_checkpoint(path)   # or an epoch checkpoint
+        if note:
+            rundir.note(note)
+        ckpt["file"] = str(ckpt_file)   # in memory only: error messages name it
         resumed = {k: v for k, v in ckpt["args"].items() if k not in NOT_CARRIED}
         changed = [k for k in explicit if k in resumed and k not in RUN_CONTROL
-                   and _plain(explicit[k]) != resumed[k]]
+                   and as_saved(explicit[k]) != resumed[k]]
         if changed:
             parser.error(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} "
                          f"differ(s) from the run being resumed; drop them to continue it")
@@ -189,7 +197,7 @@ def resolve_args(parser, argv=None):
               "device": device}
     args = argparse.Namespace(**{**vars(args), **merged})
     if args.patch_range is None:
-        args.patch_range = [max(2, round(v * args.size / PAPER_SIZE)) for v in PAPER_PATCH_RANGE]
+        args.patch_range = scaled_patch_range(args.size)
     args.patch_range = list(args.patch_range)
     if args.resume and not args.out:
         path = Path(args.resume)
@@ -199,8 +207,9 @@ def resolve_args(parser, argv=None):
     return args, ckpt
 
 
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
+def as_saved(value):
+    """A setting as the checkpoint's args hold it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def check_args(parser, args, world):
@@ -238,11 +247,195 @@ def learning_rate(args, step, steps_per_epoch):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def save_checkpoint(state, path: Path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------- set-up
+
+class Processes(NamedTuple):
+    """This process's place among the training processes (torchrun's environment)."""
+    world: int          # processes in all
+    rank: int
+    local_rank: int     # rank on this node: picks the GPU
+    local_world: int    # processes on this node
+    device: torch.device
+    distributed: bool   # started by torchrun: a process group exists
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes the run directory and prints."""
+        return self.rank == 0
+
+
+def setup_processes(parser, args) -> Processes:
+    """Read torchrun's environment, check the flags against it, pick the device, and join the
+    process group (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    check_args(parser, args, world)
+    if args.device == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True     # fixed shapes: pick the fastest kernels once
+    else:
+        device = torch.device("cpu")
+        # Share the cores among this node's processes (torchrun would leave each just one).
+        torch.set_num_threads(max(1, available_cpus() // local_world))
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    return Processes(world=world, rank=int(os.environ.get("RANK", 0)), local_rank=local_rank,
+                     local_world=local_world, device=device, distributed=distributed)
+
+
+# ---------------------------------------------------------------- data
+
+def dataset_root(args, procs: Processes) -> Path:
+    """--data, or the embedded dataset (generated once, by local rank 0)."""
+    if args.data is None:
+        root = ensure_dataset() if procs.local_rank == 0 else None
+        if procs.distributed:
+            dist.barrier()
+        root = root or ensure_dataset()
+    else:
+        root = Path(args.data)
+    if not (root / "train").is_dir():
+        raise FileNotFoundError(f"--data {root}: training folder {root / 'train'} not found "
+                                "(expected ROOT/train/<class>/<image>)")
+    return root
+
+
+def loader_source(args, procs: Processes, root: Path) -> Path:
+    """What the loader reads: ROOT/train, or for FFCV ROOT/train.beton (converted once)."""
+    if args.loader != "ffcv":
+        return root / "train"
+    beton = root / "train.beton"
+    if procs.local_rank == 0 and not beton.exists():
+        # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
+        print(f"converting {root / 'train'} to {beton} (once)", flush=True)
+        from fastneg.data.convert import convert_to_beton
+        convert_to_beton(root / "train", beton)   # its own process; errors: ValueError
+    if procs.distributed:
+        dist.barrier()
+    return beton
+
+
+def build_training_loader(args, procs: Processes, source: Path):
+    """This rank's loader: two random-resized crops per image, its share of the global batch."""
+    return build_loader(args.loader, str(source), batch_size=args.batch_size // procs.world,
+                        views=2, size=args.size, scale=tuple(args.crop_scale),
+                        device=str(procs.device), rank=procs.rank, world_size=procs.world,
+                        seed=args.seed, workers=args.workers, drop_last=True, shuffle=True,
+                        skip_bad=args.skip_bad)
+
+
+def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
+    # With K = r * images, an image's own key from the previous epoch is still in the queue
+    # (a false negative) for about r^2 / 2 of the queries; at r = 0.8 the loss climbs and the
+    # features stop improving (measured on the embedded dataset).
+    if args.moco_k > QUEUE_FRACTION * images_per_epoch:
+        print(f"warning: --moco-k {args.moco_k} is over {QUEUE_FRACTION:.0%} of the "
+              f"{images_per_epoch} training images per epoch; keys of the same images from the "
+              "previous epoch will act as negatives. Use a smaller --moco-k.", file=sys.stderr,
+              flush=True)
+
+
+def step_inputs(args, procs: Processes, root: Path):
+    """make_views_and_negatives with this run's settings bound: call it with (batch, step=...).
+    Loads the texture bank for --negatives texture|both."""
+    amp_dtype = PRECISIONS[args.precision]
+    on_gpu = procs.device.type == "cuda"
+    aug = MoCoV2Augment(dtype=amp_dtype if on_gpu and amp_dtype else torch.float32)
+    bank = None
+    if args.negatives in ("texture", "both"):
+        from fastneg.texture import TextureBank
+        bank = TextureBank.load(args.texture_bank, procs.device, expect=str(root / "train"))
+    return functools.partial(make_views_and_negatives, aug=aug, seed=args.seed,
+                             rank=procs.rank, world_size=procs.world, negatives=args.negatives,
+                             patch_range=args.patch_range, textures=bank)
+
+
+def timed_batches(loader, epoch: int, skip: int):
+    """(batch, data-wait seconds) for `epoch`, after its first `skip` batches (a run resumed
+    mid-epoch: the loader's order is a function of the epoch). The epoch's start-up counts as
+    data wait of its first batch."""
+    start = time.perf_counter()
+    loader.set_epoch(epoch)
+    batches = iter(loader)
+    for _ in range(skip):
+        next(batches)
+    while True:
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - start
+        start = time.perf_counter()
+
+
+# ---------------------------------------------------------------- model
+
+def build_training_model(args, procs: Processes, ckpt):
+    """(model, train_model, optimizer, scaler, step): the MoCo model (restored from `ckpt` on
+    --resume), train_model (the model wrapped in DistributedDataParallel when several processes
+    train, else the model itself), SGD on the query encoder, the fp16 GradScaler and the step
+    to start from."""
+    device, world = procs.device, procs.world
+    torch.manual_seed(args.seed)   # initial weights (the only use of torch's global RNG)
+    model = build_model(vars(args)).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9,
+                                weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    step = 0
+    if ckpt is not None:
+        step = rundir.restore(model, optimizer, scaler, ckpt, ckpt["file"])
+        if ckpt.get("world_size", world) != world:
+            raise ValueError(f"--resume: the run used {ckpt['world_size']} processes, this one "
+                             f"{world}; the per-rank draws would differ")
+    if args.compile:
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+    train_model = model
+    if world > 1:
+        # broadcast_buffers=False: the queue is identical on every rank by construction (all
+        # ranks enqueue the gathered keys); re-sending it from rank 0 every step would cost
+        # K * dim floats.
+        train_model = DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    return model, train_model, optimizer, scaler, step
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------- outputs
+
+def training_state(model, optimizer, scaler, step, *, args, world, steps_per_epoch) -> dict:
+    """What a checkpoint holds: enough to resume at `step` and to evaluate the encoder."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "epoch": step // steps_per_epoch, "seed": args.seed, "world_size": world,
+             "args": {k: as_saved(v) for k, v in vars(args).items()}}
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def save_checkpoint(state, step, *, out: Path, steps_per_epoch: int, save_every: int) -> None:
+    """RUN_DIR/checkpoint.pt, plus checkpoint_epochNNN.pt when `step` ends every
+    `save_every`-th epoch."""
+    epochs_done, mid_epoch = divmod(step, steps_per_epoch)
+    if not mid_epoch and epochs_done % save_every == 0:
+        write_checkpoint(state, out / f"checkpoint_epoch{epochs_done:03d}.pt")
+    write_checkpoint(state, out / "checkpoint.pt")
+
+
+def write_checkpoint(state, path: Path) -> None:
+    """torch.save to `path` atomically: a crash never leaves a half checkpoint, a failed write
+    leaves no temporary file, and a full disk is one clear line."""
+    rundir.save_atomic(state, path)
 
 
 def save_grid(rows, path: Path, n=8):
@@ -258,270 +451,217 @@ def save_grid(rows, path: Path, n=8):
     Image.fromarray(grid).save(path)
 
 
+def open_csv_log(out: Path):
+    """(file, csv writer) appending to RUN_DIR/log.csv, with the header when the file is new."""
+    path = out / "log.csv"
+    new = not path.exists()
+    file = open(path, "a", newline="")
+    writer = csv.writer(file)
+    if new:
+        writer.writerow(LOG_COLUMNS)
+    return file, writer
+
+
+class RunLog:
+    """The run's progress: every --log-every steps the mean loss (checked to be finite, on
+    every rank), img/s and data-wait % over the window, written by rank 0 to log.csv, the
+    TensorBoard events (when tensorboard is installed) and the progress bar; and the run's
+    img/s and data-wait % over all its steps but the first (which carries JIT and loader
+    start-up), for summary.json."""
+
+    def __init__(self, out: Path, *, main: bool, device, batch_size: int, log_every: int,
+                 total_steps: int, start_step: int, resumed: bool = False):
+        from tqdm import tqdm
+        self.batch_size, self.log_every, self.total_steps = batch_size, log_every, total_steps
+        self.csv_file = self.csv = self.tensorboard = None
+        if main:
+            if resumed:   # rows after the checkpoint are redone: cut them
+                rundir.cut_log(out / "log.csv", start_step)
+            self.csv_file, self.csv = open_csv_log(out)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(
+                    str(out), purge_step=start_step + 1 if resumed else None)
+            except ImportError:
+                pass
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not main, unit="step",
+                        dynamic_ncols=True)
+        self.loss_sum = torch.zeros((), device=device)   # summed on the device: no sync per step
+        self.final_loss = float("nan")
+        self.run_start = self.window_start = self.last_step_end = time.perf_counter()
+        self.window_steps, self.window_wait = 0, 0.0
+        self.run_steps, self.timed_wait, self.timed_time = 0, 0.0, 0.0
+
+    def step_done(self, step: int, epoch: int, loss, data_wait: float, lr: float) -> None:
+        """Count a finished step (`step` is the number of steps done); log at the window end."""
+        self.loss_sum += loss.detach()
+        self.run_steps += 1
+        self.window_steps += 1
+        self.window_wait += data_wait
+        now = time.perf_counter()
+        if self.run_steps > 1:
+            self.timed_wait += data_wait
+            self.timed_time += now - self.last_step_end
+        self.last_step_end = now
+        if step % self.log_every == 0 or step == self.total_steps:
+            self._write(step, epoch, lr, now)
+
+    def _write(self, step, epoch, lr, now):
+        mean_loss = self.loss_sum.item() / self.window_steps   # the step's only host sync
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at step {step}; try a lower --lr or "
+                                     "--precision fp32")
+        elapsed = now - self.window_start
+        img_s = self.window_steps * self.batch_size / elapsed
+        wait_pct = 100 * self.window_wait / elapsed
+        self.final_loss = mean_loss
+        if self.csv is not None:
+            self.bar.update(self.window_steps)
+            self.bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}",
+                                 wait=f"{wait_pct:.0f}%")
+            self.csv.writerow([step, epoch, f"{mean_loss:.5f}", f"{lr:.6g}", f"{img_s:.1f}",
+                               f"{wait_pct:.1f}", f"{now - self.run_start:.2f}"])
+            self.csv_file.flush()
+            if self.tensorboard is not None:
+                for tag, v in (("loss", mean_loss), ("lr", lr), ("img_per_s", img_s),
+                               ("data_wait_pct", wait_pct)):
+                    self.tensorboard.add_scalar(tag, v, step)
+        self.loss_sum.zero_()
+        self.window_steps, self.window_wait, self.window_start = 0, 0.0, time.perf_counter()
+
+    def summary(self) -> dict:
+        timed = self.timed_time
+        return {"img_per_s": (self.run_steps - 1) * self.batch_size / timed if timed else None,
+                "data_wait_pct": 100 * self.timed_wait / timed if timed else None,
+                "final_loss": self.final_loss}
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.csv_file is not None:
+            self.csv_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def write_summary(out: Path, summary: dict, root: Path) -> None:
+    """RUN_DIR/summary.json, and the same without the args on stdout."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != "args"}, indent=2, default=str),
+          flush=True)
+    if "eval" not in summary:
+        print(f"evaluate with: fastneg eval {out / 'checkpoint.pt'} --data {root}", flush=True)
+
+
+# ---------------------------------------------------------------- the script
+
 def main(argv=None):
     parser = build_parser()
     args, ckpt = resolve_args(parser, argv)
+    procs = setup_processes(parser, args)
+    device, out = procs.device, Path(args.out)
+    if procs.main:   # before any work: a writable run dir that no other training uses
+        rundir.check_writable(out)
+        rundir.refuse_existing_run(out, resuming=ckpt is not None)
+        run_lock = rundir.hold_lock(out / rundir.LOCK_FILE, f"run directory {out}")  # noqa: F841
+        rundir.clean_stale_tmp(out)
 
-    # ---------------------------------------------------------------- processes and devices
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    check_args(parser, args, world)
-    if args.device == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True     # fixed shapes: pick the fastest kernels once
-    else:
-        device = torch.device("cpu")
-        # Share the cores among this node's processes (torchrun would leave each just one).
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                **({"device_id": device} if device.type == "cuda" else {}))
-    main_process = rank == 0
-    out = Path(args.out)
-
-    # ---------------------------------------------------------------- data
-    if args.data is None:
-        root = ensure_dataset() if local_rank == 0 else None
-        if distributed:
-            dist.barrier()
-        root = root or ensure_dataset()
-    else:
-        root = Path(args.data)
-    if not (root / "train").is_dir():
-        raise FileNotFoundError(f"--data {root}: training folder {root / 'train'} not found "
-                                "(expected ROOT/train/<class>/<image>)")
-    source = root / "train"
-    if args.loader == "ffcv":
-        source = root / "train.beton"
-        if local_rank == 0 and not source.exists():
-            # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
-            print(f"converting {root / 'train'} to {source} (once)", flush=True)
-            subprocess.run([sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv",
-                            str(root / "train"), str(source)], check=True)
-        if distributed:
-            dist.barrier()
-    per_rank = args.batch_size // world
-    loader = build_loader(args.loader, str(source), batch_size=per_rank, views=2, size=args.size,
-                          scale=tuple(args.crop_scale), device=str(device), rank=rank, world_size=world, seed=args.seed,
-                          workers=args.workers, drop_last=True, shuffle=True,
-                          skip_bad=args.skip_bad)
+    root = dataset_root(args, procs)
+    loader = build_training_loader(args, procs, loader_source(args, procs, root))
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
-        raise ValueError(f"{source} has fewer images than one global batch ({args.batch_size})")
-    total_steps = args.epochs * steps_per_epoch
-    images = steps_per_epoch * args.batch_size
-    if main_process and args.moco_k > QUEUE_FRACTION * images:
-        # With K = r * images, an image's own key from the previous epoch is still in the queue
-        # (a false negative) for about r^2 / 2 of the queries; at r = 0.8 the loss climbs and
-        # the features stop improving (measured on the embedded dataset).
-        print(f"warning: --moco-k {args.moco_k} is over {QUEUE_FRACTION:.0%} of the {images} "
-              "training images per epoch; keys of the same images from the previous epoch "
-              "will act as negatives. Use a smaller --moco-k.", file=sys.stderr, flush=True)
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    amp_dtype = PRECISIONS[args.precision]
-    aug = MoCoV2Augment(dtype=amp_dtype if device.type == "cuda" and amp_dtype else torch.float32)
-    bank = None
-    if args.negatives in ("texture", "both"):
-        from fastneg.texture import TextureBank
-        bank = TextureBank.load(args.texture_bank, device, expect=str(root / "train"))
+        raise ValueError(f"{root / 'train'} has fewer images than one global batch "
+                         f"({args.batch_size})")
+    if procs.main:
+        warn_if_queue_too_large(args, steps_per_epoch * args.batch_size)
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    views_and_negatives = step_inputs(args, procs, root)
 
-    # ---------------------------------------------------------------- model and optimizer
-    torch.manual_seed(args.seed)   # initial weights (the only use of torch's global RNG)
-    model = build_model(vars(args)).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9,
-                                weight_decay=args.wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        step = int(ckpt["step"])
-        if ckpt.get("world_size", world) != world:
-            raise ValueError(f"--resume: the run used {ckpt['world_size']} processes, this one "
-                             f"{world}; the per-rank draws would differ")
-    if args.compile:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
-    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                  broadcast_buffers=False) if world > 1 else model
-    # broadcast_buffers=False: the queue is identical on every rank by construction (all ranks
-    # enqueue the gathered keys); re-sending it from rank 0 every step would cost K * dim floats.
+    model, train_model, optimizer, scaler, step = build_training_model(args, procs, ckpt)
 
-    # ---------------------------------------------------------------- logging
-    saved_args = {k: _plain(v) for k, v in vars(args).items()}
-    writer, log_file, log_csv = None, None, None
-    if main_process:
+    def checkpoint(step):
+        state = training_state(model, optimizer, scaler, step, args=args, world=procs.world,
+                               steps_per_epoch=steps_per_epoch)
+        save_checkpoint(state, step, out=out, steps_per_epoch=steps_per_epoch,
+                        save_every=args.save_every)
+
+    if procs.main:
         out.mkdir(parents=True, exist_ok=True)
-        new_log = not (out / "log.csv").exists()
-        log_file = open(out / "log.csv", "a", newline="")
-        log_csv = csv.writer(log_file)
-        if new_log:
-            log_csv.writerow(["step", "epoch", "loss", "lr", "img_per_s", "data_wait_pct",
-                              "elapsed_s"])
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out))
-        except ImportError:
-            pass
-        print(f"run {out}: {args.arch} {args.size}px, global batch {args.batch_size} on {world} "
-              f"process(es) ({device.type}), {steps_per_epoch} steps/epoch, loader {args.loader}, "
-              f"negatives {args.negatives}, patch range {args.patch_range}", flush=True)
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=not main_process, unit="step",
-               dynamic_ncols=True)
-
-    def checkpoint():
-        """RUN_DIR/checkpoint.pt, plus checkpoint_epochNNN.pt at every --save-every epochs."""
-        epoch_done, mid_epoch = divmod(step, steps_per_epoch)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": step, "epoch": epoch_done, "seed": args.seed, "world_size": world,
-                 "args": saved_args}
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        if not mid_epoch and epoch_done % args.save_every == 0:
-            save_checkpoint(state, out / f"checkpoint_epoch{epoch_done:03d}.pt")
-        save_checkpoint(state, out / "checkpoint.pt")
+        print(f"run {out}: {args.arch} {args.size}px, global batch {args.batch_size} on "
+              f"{procs.world} process(es) ({device.type}), {steps_per_epoch} steps/epoch, "
+              f"loader {args.loader}, negatives {args.negatives}, patch range "
+              f"{args.patch_range}", flush=True)
+    run_log = RunLog(out, main=procs.main, device=device, batch_size=args.batch_size,
+                     log_every=args.log_every, total_steps=total_steps, start_step=step,
+                     resumed=ckpt is not None)
+    stop = rundir.StopRequest().install()   # SIGTERM/SIGHUP, or torchrun's agent gone
+    amp_dtype = PRECISIONS[args.precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     # ---------------------------------------------------------------- training
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    loss_sum = torch.zeros((), device=device)   # summed on the device: no sync per step
-    run_start = window_start = t_prev = time.perf_counter()
-    window_steps, window_wait = 0, 0.0
-    run_steps, timed_wait, timed_time = 0, 0.0, 0.0   # timed: this run's steps after its first
-    final_loss = float("nan")
-    start_epoch, skip = divmod(step, steps_per_epoch)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= total_steps:
             break
-        t0 = time.perf_counter()
-        loader.set_epoch(epoch)
-        batches = iter(loader)
-        for _ in range(skip):   # resuming mid-epoch: the loader's order is a function of epoch
-            next(batches)
-        skip = 0
-        epoch_start_wait = time.perf_counter() - t0   # counted as data wait of the first step
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            t_data = time.perf_counter() - t0 + epoch_start_wait
-            epoch_start_wait = 0.0
-            for g in optimizer.param_groups:
-                g["lr"] = learning_rate(args, step, steps_per_epoch)
-            # Draws per (seed, step, view, sample): rank r owns samples r*n .. r*n + n - 1.
-            params = [aug.sample(per_rank, seed=args.seed, step=step, view=i,
-                                 first=rank * per_rank, device=device)
-                      for i in range(len(batch.views))]
-            views = [aug.apply(v, p) for v, p in zip(batch.views, params)]
-            ns = []
-            # The NS kernels count samples by batch row: step * world + rank keeps ranks apart.
-            draw_step = step * world + rank
-            if args.negatives in ("patch", "both"):
-                ns.append(patch_negatives(views[0], layout="nchw",
-                                          patch_range=tuple(args.patch_range), seed=args.seed,
-                                          step=draw_step))
-            if bank is not None:
-                # Rows come from the bank's own map, so the id range check (a host sync on
-                # CUDA) is left out there.
-                tex = sample_textures(*bank.for_batch(batch.indices), size=args.size,
-                                      seed=args.seed, step=draw_step,
-                                      check_ids=device.type == "cpu")
-                ns.append(aug.apply(tex, params[0]))   # the query's colour, grey, blur, flip
-            if main_process and step == 0:
-                save_grid(views + ns, out / "batch.png")
+        batches = timed_batches(loader, epoch, skip=step - epoch * steps_per_epoch)
+        for batch, data_wait in itertools.islice(batches, total_steps - step):
+            set_learning_rate(optimizer, learning_rate(args, step, steps_per_epoch))
+            views, negatives = views_and_negatives(batch, step=step)
+            if procs.main and step == 0:
+                save_grid(views + negatives, out / "batch.png")
             with autocast:
-                loss, _ = ddp(views[0], views[1], ns=ns, step=step)
+                loss, _ = train_model(views[0], views[1], ns=negatives, step=step)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.detach()
             step += 1
-            run_steps += 1
-            window_steps += 1
-            window_wait += t_data
-            now = time.perf_counter()
-            if run_steps > 1:   # the first step carries start-up costs (JIT, loader warm-up)
-                timed_wait += t_data
-                timed_time += now - t_prev
-            t_prev = now
-            if step % args.log_every == 0 or step == total_steps:
-                mean_loss = loss_sum.item() / window_steps   # the step's only host sync
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss is {mean_loss} at step {step}; try a lower "
-                                             "--lr or --precision fp32")
-                elapsed = now - window_start
-                img_s = window_steps * args.batch_size / elapsed
-                wait_pct = 100 * window_wait / elapsed
-                lr = optimizer.param_groups[0]["lr"]
-                final_loss = mean_loss
-                if main_process:
-                    bar.update(window_steps)
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.3g}",
-                                    img_s=f"{img_s:.0f}", wait=f"{wait_pct:.0f}%")
-                    log_csv.writerow([step, epoch, f"{mean_loss:.5f}", f"{lr:.6g}",
-                                      f"{img_s:.1f}", f"{wait_pct:.1f}", f"{now - run_start:.2f}"])
-                    log_file.flush()
-                    if writer is not None:
-                        for tag, v in (("loss", mean_loss), ("lr", lr), ("img_per_s", img_s),
-                                       ("data_wait_pct", wait_pct)):
-                            writer.add_scalar(tag, v, step)
-                loss_sum.zero_()
-                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+            run_log.step_done(step, epoch, loss, data_wait, optimizer.param_groups[0]["lr"])
+            if step % args.log_every == 0 and stop.agreed(procs.distributed, device):
+                rundir.note(f"stopping at step {step}: {stop.reason}; the checkpoint "
+                            f"continues with --resume {out}")
+                total_steps = step   # save a checkpoint (below) and end
+                break
         if args.skip_bad:   # every rank reaches this point together: one gather per epoch
             skipped = {f for f, _ in loader.bad_files}
-            if distributed:
-                every = [None] * world
+            if procs.distributed:
+                every = [None] * procs.world
                 dist.all_gather_object(every, sorted(skipped))
                 skipped = set().union(*every)
-            if main_process and skipped:
+            if procs.main and skipped:
                 print(f"epoch {epoch}: skipped {len(skipped)} unreadable file(s) on all ranks "
                       "(batches kept their size)", file=sys.stderr, flush=True)
-        if main_process and step < total_steps and (step // steps_per_epoch) % args.save_every == 0:
-            checkpoint()
-    bar.close()
+        if procs.main and step < total_steps and (step // steps_per_epoch) % args.save_every == 0:
+            checkpoint(step)
+    run_log.close()
+    stop.uninstall()
 
     # ---------------------------------------------------------------- the end
-    if main_process:
-        checkpoint()
-        summary = {
-            "steps": step, "epochs": step / steps_per_epoch,
-            "img_per_s": (run_steps - 1) * args.batch_size / timed_time if timed_time else None,
-            "data_wait_pct": 100 * timed_wait / timed_time if timed_time else None,
-            "final_loss": final_loss, "world_size": world, "device": str(device),
-            "checkpoint": str(out / "checkpoint.pt"), "args": saved_args,
-        }
+    summary = None
+    if procs.main:
+        checkpoint(step)
+        summary = {"steps": step, "epochs": step / steps_per_epoch, **run_log.summary(),
+                   "world_size": procs.world, "device": str(device),
+                   "checkpoint": str(out / "checkpoint.pt"),
+                   "args": {k: as_saved(v) for k, v in vars(args).items()}}
         if args.eval:
             from fastneg.eval import evaluate_checkpoint
-            summary["eval"] = evaluate_checkpoint(out / "checkpoint.pt", root,
-                                                  device=str(device))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(json.dumps({k: v for k, v in summary.items() if k != "args"}, indent=2,
-                         default=str), flush=True)
-        if not args.eval:
-            print(f"evaluate with: fastneg eval {out / 'checkpoint.pt'} --data {root}", flush=True)
-        log_file.close()
-        if writer is not None:
-            writer.close()
-    if distributed:
+            summary["eval"] = evaluate_checkpoint(out / "checkpoint.pt", root, device=str(device))
+        write_summary(out, summary, root)
+    if procs.distributed:
         dist.destroy_process_group()
-    return summary if main_process else None
+    return summary
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e:
+    except rundir.UnreadableFiles as e:   # a file failed to decode mid-run
+        shown = "; ".join(f"{f}: {why}" for f, why in e.failures[:3])
+        print(f"train/moco.py: error: {len(e.failures)} file(s) passed the pre-flight check but "
+              f"failed to decode: {shown}; fix or remove them (or pass --skip-bad), then "
+              "--resume", file=sys.stderr)
+        sys.exit(2)
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
+            ImportError) as e:
         # Expected user errors (missing data, bad checkpoint or bank, absent loader): one line.
         print(f"train/moco.py: error: {e}", file=sys.stderr)
         sys.exit(2)

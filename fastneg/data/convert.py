@@ -7,6 +7,9 @@ fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
     label   IntField, the class index; -1 marks a file that could not be decoded
     index   IntField, the dataset index
 and a sidecar OUT.beton.json: layout version, classes, source fingerprint, the bad files.
+File and class names are stored as Python reads them from the file system: a name that is not
+valid UTF-8 keeps its raw bytes as escaped surrogates ("\udcff"), so
+os.fsencode(json.loads(sidecar)["bad"][k][1]) gives back the exact bytes of the name.
 
 Every file is checked before writing (fastneg.data.files.check_files, stored in the dataset
 index, fastneg.data.index); unreadable files stop the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +93,7 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
     from fastneg.data.files import available_cpus, require_readable
     from fastneg.data.index import load_index
+    from fastneg.data.staging import swap_in, temporary_sibling
 
     if not 1 <= max_side <= MAX_SIDE_LIMIT:
         raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")
@@ -100,17 +105,34 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     workers = workers or available_cpus()
+    _check_writable(out.parent)     # before minutes of work, not after
     check = load_index(src, workers=workers).file_check()   # the dataset's stored check
     images = check.images
     require_readable(check, skip_bad)
     bad = dict(check.bad)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = temporary_sibling(out)   # swapped in when complete
+    try:
+        return _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad)
+    finally:
+        partial.unlink(missing_ok=True)    # after any error: no half-written file is left
 
+
+def _check_writable(folder: Path) -> None:
+    """A one-line error now for an output folder this process cannot write to."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent          # the folder will be created: its first existing parent
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"cannot write to {probe} (read-only or not yours): choose "
+                              "another output file")
+
+
+def _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad) -> dict:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")   # renamed when complete
     fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_side,
                                      jpeg_quality=quality),
               "label": IntField(), "index": IntField()}
@@ -123,7 +145,6 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
         if i not in bad:
             bad[i] = _decode_problem(images.path(i))
     if len(bad) > len(check.bad) and not skip_bad:
-        partial.unlink()
         new = [f"  {images.path(i)}: {bad[i]}" for i in sorted(set(bad) - dict(check.bad).keys())]
         raise ValueError(f"{len(new)} file(s) in {images.root} cannot be decoded:\n"
                          + "\n".join(new[:5]) + "\nfix or remove them, or pass --skip-bad")
@@ -132,7 +153,7 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
             "samples": len(images), "max_side": max_side, "quality": quality,
             "bad": [[i, images.files[i], bad[i]] for i in sorted(bad)]}
     sidecar_path(out).write_text(json.dumps(info, indent=1))
-    partial.replace(out)
+    swap_in(partial, out)
     return info
 
 

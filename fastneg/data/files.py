@@ -3,10 +3,20 @@
 `check_files` tells, for every file of an ImageList, its size and content kind, or why no
 loader can read it; `require_readable` turns the bad ones into one error naming them. The
 loaders, `fastneg convert` and the texture bank all check files here, before any decode.
+
+Refused before any read: anything that is not a regular file (a FIFO would block `open` for
+ever, a device such as /dev/zero never ends), symlinks followed. Refused from the header:
+images of more than MAX_PIXELS pixels (decompression bombs: a few bytes of PNG can claim
+30000 x 30000 pixels, 2.7 GB once decoded). MAX_PIXELS is PIL's MAX_IMAGE_PIXELS (about
+89.5 million pixels, e.g. 9459 x 9459) unless the environment variable FASTNEG_MAX_PIXELS sets
+it; this module also sets PIL's own limit to it, so that PIL decodes every image the check
+accepts and no decode path meets PIL's DecompressionBombError.
 """
 from __future__ import annotations
 
 import os
+import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,6 +38,36 @@ PNG_IEND = b"IEND\xaeB`\x82"
 TAIL_BYTES = 1024          # PNG's IEND must end the file; a JPEG's end marker is looked for
                            # from here backwards (see _jpeg_has_end)
 JPEG_SOS = b"\xff\xda"
+
+
+def _max_pixels() -> tuple[int, str | None]:
+    """(limit, error): FASTNEG_MAX_PIXELS, or PIL's default with an error for a bad value."""
+    text = os.environ.get("FASTNEG_MAX_PIXELS")
+    default = int(Image.MAX_IMAGE_PIXELS)
+    if text is None:
+        return default, None
+    if not text.strip().isdigit() or int(text) < 1:
+        return default, f"FASTNEG_MAX_PIXELS must be a positive integer, got {text!r}"
+    return int(text), None
+
+
+# The largest width * height an image may have; a bad FASTNEG_MAX_PIXELS is reported by
+# check_files (not at import, where it would be a traceback).
+MAX_PIXELS, _MAX_PIXELS_ERROR = _max_pixels()
+# PIL warns above its limit and refuses above twice it; the check refuses above MAX_PIXELS.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class UnreadableFiles(RuntimeError):
+    """Files that passed the pre-flight check but failed to decode at run time.
+
+    `failures` lists (path, reason); str(error) names them and says how to go on.
+    """
+
+    def __init__(self, message: str, failures):
+        super().__init__(message)
+        self.failures = list(failures)
+
 
 def available_cpus() -> int:
     """Cores this process may run on (respects taskset / container CPU sets, unlike cpu_count)."""
@@ -107,12 +147,23 @@ def _jpeg_has_end(f, size: int) -> bool:
 
 
 def inspect_file(path) -> tuple[str | None, int, int, str]:
-    """(problem or None, height, width, content) of one file, from its header and last bytes."""
+    """(problem or None, height, width, content) of one file, from its header and last bytes.
+
+    Only regular files (after symlinks) are opened; an image over MAX_PIXELS is "too large".
+    """
+    try:
+        kind = os.stat(path).st_mode   # before open: opening a FIFO blocks until a writer comes
+    except OSError as e:
+        return f"cannot read ({e.strerror or e})", 0, 0, ""
+    if not stat.S_ISREG(kind):
+        return "not a regular file (a FIFO, device, socket or folder)", 0, 0, ""
     try:
         with open(path, "rb") as f:
             try:
                 with Image.open(f) as im:
                     fmt, mode, (w, h) = im.format, im.mode, im.size
+            except Image.DecompressionBombError as e:     # over twice PIL's limit: PIL refuses
+                return _too_large(_claimed_size(f, e)), 0, 0, ""
             except UnidentifiedImageError:
                 f.seek(0, os.SEEK_END)
                 if f.tell() == 0:
@@ -137,11 +188,34 @@ def inspect_file(path) -> tuple[str | None, int, int, str]:
         return "truncated JPEG (no end-of-image marker)", 0, 0, ""
     if h < 1 or w < 1:
         return f"image of size {w}x{h}", 0, 0, ""
+    if w * h > MAX_PIXELS:
+        return _too_large(f"{w} x {h}"), 0, 0, ""
     return None, h, w, f"{fmt}/{mode}"
+
+
+def _claimed_size(f, error) -> str:
+    """"W x H" from a PNG or JPEG header that PIL refused to open; else PIL's pixel count."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+    for plugin in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
+        f.seek(0)
+        try:
+            with plugin(f) as im:      # the plugin alone reads the header without PIL's limit
+                return f"{im.size[0]} x {im.size[1]}"
+        except Exception:   # noqa: BLE001 - not this format
+            continue
+    pixels = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{pixels.group(1)} pixels" if pixels else "its header's size"
+
+
+def _too_large(claimed: str) -> str:
+    return (f"image too large ({claimed} > limit of {MAX_PIXELS} pixels; the environment "
+            "variable FASTNEG_MAX_PIXELS sets the limit)")
 
 
 def check_files(images: ImageList, workers: int) -> FileCheck:
     """Inspect every file (header + last KiB, no decode): cheap enough to run at every start."""
+    if _MAX_PIXELS_ERROR:
+        raise ValueError(_MAX_PIXELS_ERROR)
     paths = [images.path(i) for i in range(len(images))]
     with ThreadPoolExecutor(max(1, workers)) as pool:   # threads: mostly waiting on file reads
         results = list(pool.map(inspect_file, paths, chunksize=256))

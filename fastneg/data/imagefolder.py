@@ -3,15 +3,23 @@
 Order is torchvision's ImageFolder order (classes = sorted sub-folder names; files sorted within
 a class, recursively), so dataset index i means the same image everywhere and a texture bank
 built in this order pairs with Batch.indices.
+
+Within a class folder symlinks are followed, but no folder twice (by device and inode): a link
+loop is listed once, with a warning. Files with other extensions are not listed; they are
+counted in `ImageList.ignored` and named in a warning, so that a user knows why a class is
+smaller than its folder.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger("fastneg.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -22,6 +30,20 @@ class ImageList:
     files: tuple[str, ...]        # paths relative to root, "class/name.jpg"
     labels: np.ndarray            # int64 [N]
     classes: tuple[str, ...]
+    # what the listing left out: {".gif": 3, "(no extension)": 1}, and the folders reached
+    # a second time through a symlink (not followed again), relative to root
+    ignored: dict[str, int] = field(default_factory=dict, compare=False)
+    repeated_dirs: tuple[str, ...] = field(default=(), compare=False)
+
+    def report(self) -> str:
+        """One line: images, classes, and what was left out ("ignored: 1 .gif")."""
+        line = f"{len(self.files)} images in {len(self.classes)} classes"
+        if self.ignored:
+            line += "; ignored: " + ", ".join(f"{n} {ext}" for ext, n in sorted(self.ignored.items()))
+        if self.repeated_dirs:
+            line += (f"; {len(self.repeated_dirs)} folder(s) reached again through a symlink, "
+                     f"not followed: {', '.join(self.repeated_dirs[:3])}")
+        return line
 
     def __len__(self) -> int:
         return len(self.files)
@@ -30,10 +52,20 @@ class ImageList:
         return self.root / self.files[i]
 
     def fingerprint(self) -> str:
-        """sha256 of the (file, label) list: tells whether two listings are the same dataset."""
+        """sha256 of the (file, label, size, mtime) list: tells whether two listings are the
+        same dataset, pixels included (a file rewritten in place changes its size or mtime).
+
+        Copies keep the fingerprint only when they keep modification times (cp -p, rsync -t,
+        shutil.copy2). A file that cannot be stat'ed counts as size and mtime -1.
+        """
         h = hashlib.sha256()
         for f, y in zip(self.files, self.labels.tolist()):
-            h.update(f"{f}\t{y}\n".encode())
+            try:
+                st = os.stat(self.root / f)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size = mtime = -1
+            h.update(os.fsencode(f) + f"\t{y}\t{size}\t{mtime}\n".encode())
         return h.hexdigest()
 
 
@@ -49,17 +81,44 @@ def scan_image_folder(root) -> ImageList:
         raise FileNotFoundError(f"dataset folder {root} has no class sub-folders "
                                 "(expected ROOT/<class>/<image>)")
     files, labels, empty = [], [], []
+    ignored: dict[str, int] = {}
+    repeated: list[str] = []
     for label, cls in enumerate(classes):
         found = []
-        for dirpath, _, names in sorted(os.walk(root / cls, followlinks=True)):
-            for name in sorted(names):
+        for dirpath, names in _walk_once(root / cls, root, repeated):
+            for name in names:
                 if name.lower().endswith(IMG_EXTENSIONS):
                     found.append(os.path.relpath(os.path.join(dirpath, name), root))
+                elif not name.startswith("."):
+                    ext = os.path.splitext(name)[1].lower() or "(no extension)"
+                    ignored[ext] = ignored.get(ext, 0) + 1
         if not found:
             empty.append(cls)
         files += found
         labels += [label] * len(found)
+    listing = ImageList(root, tuple(files), np.asarray(labels, np.int64), tuple(classes),
+                        ignored, tuple(repeated))
     if empty:
         raise FileNotFoundError(f"class folder(s) without images in {root}: {', '.join(empty)} "
-                                f"(extensions: {' '.join(IMG_EXTENSIONS)})")
-    return ImageList(root, tuple(files), np.asarray(labels, np.int64), tuple(classes))
+                                f"(extensions: {' '.join(IMG_EXTENSIONS)}; {listing.report()})")
+    if ignored or repeated:
+        log.warning("%s: %s", root, listing.report())
+    return listing
+
+
+def _walk_once(top: Path, root: Path, repeated: list):
+    """(dirpath, sorted file names) of every folder under `top` in sorted path order, following
+    symlinks but entering no folder twice (same device and inode); each folder skipped is
+    appended to `repeated`, relative to root."""
+    seen = set()
+    found = []
+    for dirpath, dirnames, names in os.walk(top, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            repeated.append(os.path.relpath(dirpath, root))
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()    # depth first in name order: which path of a repeated folder counts
+        found.append((dirpath, sorted(names)))
+    return sorted(found)

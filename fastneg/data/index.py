@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 import warnings
@@ -35,6 +36,8 @@ import numpy as np
 
 from fastneg.data.files import FileCheck, available_cpus, check_files
 from fastneg.data.imagefolder import IMG_EXTENSIONS, ImageList, scan_image_folder
+
+log = logging.getLogger("fastneg.data")
 
 INDEX_NAME = ".fastneg-index"
 LOCK_SUFFIX = ".lock"
@@ -56,7 +59,7 @@ class PathTable(Sequence):
 
     @classmethod
     def from_strings(cls, names: Sequence[str]) -> "PathTable":
-        encoded = [n.encode() for n in names]
+        encoded = [os.fsencode(n) for n in names]   # non-UTF-8 names keep their bytes
         offsets = np.zeros(len(encoded) + 1, np.int64)
         np.cumsum([len(e) for e in encoded], out=offsets[1:])
         return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
@@ -70,7 +73,7 @@ class PathTable(Sequence):
         if i < 0:
             i += len(self)
         a, b = self.offsets[i], self.offsets[i + 1]
-        return self.blob[a:b].tobytes().decode()
+        return os.fsdecode(self.blob[a:b].tobytes())
 
 
 @dataclass(frozen=True)
@@ -133,24 +136,34 @@ def list_folder(root) -> tuple[ImageList, np.ndarray, np.ndarray]:
     except OSError:
         classes = []
     files, labels, sizes, mtimes = [], [], [], []
+    ignored: dict[str, int] = {}
+    repeated: list[str] = []
     for label, cls in enumerate(classes):
+        # Depth first in name order, entering no folder twice (device, inode), as
+        # scan_image_folder does, so that the same path of a repeated folder counts.
         dirs, seen, todo = [], set(), [cls]
-        while todo:                                # every directory under the class, once
+        while todo:
             rel = todo.pop()
-            names = []
             try:
+                st = os.stat(os.path.join(base, rel))
+                if (st.st_dev, st.st_ino) in seen:
+                    repeated.append(rel)
+                    continue
+                seen.add((st.st_dev, st.st_ino))
                 with os.scandir(os.path.join(base, rel)) as it:
-                    st = os.stat(os.path.join(base, rel))
-                    if (st.st_dev, st.st_ino) in seen:   # a symlink loop: list it once
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                    for e in it:
-                        if e.is_dir():
-                            todo.append(f"{rel}/{e.name}")
-                        elif e.name.lower().endswith(IMG_EXTENSIONS):
-                            names.append(e)
+                    entries = list(it)
             except OSError:
                 continue
+            names, subdirs = [], []
+            for e in entries:
+                if e.is_dir():
+                    subdirs.append(e.name)
+                elif e.name.lower().endswith(IMG_EXTENSIONS):
+                    names.append(e)
+                elif not e.name.startswith("."):
+                    ext = os.path.splitext(e.name)[1].lower() or "(no extension)"
+                    ignored[ext] = ignored.get(ext, 0) + 1
+            todo += [f"{rel}/{d}" for d in sorted(subdirs, reverse=True)]
             dirs.append((rel, names))
         count = 0
         for rel, names in sorted(dirs, key=lambda d: d[0]):
@@ -171,15 +184,18 @@ def list_folder(root) -> tuple[ImageList, np.ndarray, np.ndarray]:
     if not classes:
         scan_image_folder(root)                    # raises its error for this folder
         raise FileNotFoundError(f"dataset folder {root} cannot be listed")
-    images = ImageList(root, tuple(files), np.concatenate(labels), tuple(classes))
+    images = ImageList(root, tuple(files), np.concatenate(labels), tuple(classes), ignored,
+                       tuple(repeated))
+    if ignored or repeated:
+        log.warning("%s: %s", root, images.report())
     return images, np.asarray(sizes, np.int64), np.asarray(mtimes, np.int64)
 
 
 def folder_state(images: ImageList, sizes: np.ndarray, mtimes: np.ndarray) -> str:
     """sha256 of the listing, labels, sizes and mtimes (and the check rules' version)."""
     h = hashlib.sha256(f"fastneg-index {CHECK_VERSION} {len(images)}\n".encode())
-    h.update("\0".join(images.classes).encode() + b"\1")
-    h.update("\0".join(images.files).encode() + b"\1")
+    h.update(os.fsencode("\0".join(images.classes)) + b"\1")
+    h.update(os.fsencode("\0".join(images.files)) + b"\1")
     for a in (images.labels, sizes, mtimes):
         h.update(np.ascontiguousarray(a, np.int64).tobytes())
     return h.hexdigest()

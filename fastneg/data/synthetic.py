@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from fastneg.data.files import available_cpus
 from fastneg.data.staging import staged_dir
 from fastneg.kernels.rng import STREAM_DATA
 
@@ -296,7 +297,7 @@ def _write_splits(tmp: Path, spec: DatasetSpec, workers, progress, name) -> None
                 rel = f"{shape}/{shape}_{j:05d}.jpg"
                 rows[split].append([rel, label, shape])
                 jobs.append((spec, split, index, label, str(tmp / split / rel)))
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or available_cpus()
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(_make_one, jobs, chunksize=32)
         families = [f for _, f in tqdm(results, total=len(jobs), disable=not progress,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fastneg.data.files import available_cpus
 from fastneg.data.imagefolder import scan_image_folder
 from fastneg.data.staging import staged_dir
 from fastneg.kernels.rng import STREAM_CORRUPT, mix, slot
@@ -102,7 +102,7 @@ def corrupt_split(split_dir, out, *, corruptions=DEFAULT_CORRUPTIONS, severities
                     (tmp / name / str(sev) / rel).mkdir(parents=True, exist_ok=True)
         jobs = [(str(images.path(i)), images.files[i], i, names, severities, seed, str(tmp))
                 for i in range(len(images))]
-        workers = workers or len(os.sched_getaffinity(0))
+        workers = workers or available_cpus()
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_corrupt_one, jobs, chunksize=16))
         (tmp / "manifest.json").write_text(json.dumps(

@@ -12,6 +12,7 @@ import torch
 
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastneg.data.imagefolder import ImageList
+from fastneg.data.staging import atomic_file
 from fastneg.loaders import build_loader
 
 
@@ -66,7 +67,6 @@ def cached_features(backbone, images: ImageList, *, size: int, cache_file, key: 
             return cached["features"]
     feats = extract_features(backbone, images, size=size, batch_size=batch_size, device=device)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".partial")
-    torch.save({"key": key, "features": feats}, tmp)
-    tmp.replace(cache_file)   # atomic: a killed run never leaves a truncated cache
+    with atomic_file(cache_file) as tmp:   # a killed run never leaves a truncated cache
+        torch.save({"key": key, "features": feats}, tmp)
     return feats

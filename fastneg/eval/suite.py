@@ -8,6 +8,7 @@ corruptions of val, shape bias on the cue-conflict split, extra out-of-domain fo
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastneg.data.files import available_cpus, check_files, require_readable
 from fastneg.data.imagefolder import ImageList, scan_image_folder
 from fastneg.eval.corrupt import (DEFAULT_CORRUPTIONS, SEVERITIES, check_corruptions,
                                   corrupt_split)
@@ -112,7 +114,18 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
         if name in splits:
             raise ValueError(f"--ood name {name!r} clashes with the split {root / name}")
         splits[name] = path
+    if not splits:
+        raise ValueError(f"nothing to score in {root}: it holds train/ only; add an evaluation "
+                         f"split ({root}/val/<class>/<image>) or --ood NAME=DIR")
+    # Every split's files are checked before any feature is computed: a bad file costs nothing
+    # (train's are checked by its feature loader, the first thing to run).
     train = scan_image_folder(root / "train")
+    listings = {name: scan_image_folder(path) for name, path in splits.items()}
+    for images in listings.values():
+        require_readable(check_files(images, available_cpus()), skip_bad=False)
+    if corruptions and "val" in splits:   # written (once) before the features, too
+        _write_corruptions(splits["val"], corrupt_dir or root / ".fastneg-corrupt" / "val",
+                           corruptions, severities)
     n_cls = len(train.classes)
 
     def features(images: ImageList, tag: str) -> torch.Tensor:
@@ -134,8 +147,7 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
 
     result = {"data": str(root), "size": size, "train_images": len(train),
               "linear": {}, "knn": {}, "images": {}}
-    for name, path in splits.items():
-        images = scan_image_folder(path)
+    for name, images in listings.items():
         labels = aligned_labels(images, train.classes, name).numpy()
         preds = predict(features(images, name))
         for clf in ("linear", "knn"):
@@ -166,11 +178,7 @@ def _corruption_suite(val_dir, corrupt_dir, corruptions, severities, train_class
                       features, predict) -> dict:
     """{"names", "severities", "linear": {name: [top1 per severity]}, "knn": {...}}."""
     corrupt_dir = Path(corrupt_dir)
-    try:
-        corrupt_split(val_dir, corrupt_dir, corruptions=corruptions, severities=severities)
-    except PermissionError as e:
-        raise PermissionError(f"cannot write the corruption cache {corrupt_dir}: {e}; "
-                              "choose a writable folder with --corrupt-dir") from e
+    _write_corruptions(val_dir, corrupt_dir, corruptions, severities)
     detail = {"linear": {}, "knn": {}}
     for name in corruptions:
         for clf in detail:
@@ -182,6 +190,19 @@ def _corruption_suite(val_dir, corrupt_dir, corruptions, severities, train_class
             for clf in detail:
                 detail[clf][name].append(top1(preds[clf], labels))
     return {"names": list(corruptions), "severities": list(severities), **detail}
+
+
+def _write_corruptions(val_dir, corrupt_dir, corruptions, severities) -> None:
+    """corrupt_split, with a one-line error for a folder that cannot be written (permissions or
+    a read-only file system)."""
+    try:
+        corrupt_split(val_dir, corrupt_dir, corruptions=corruptions, severities=severities)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise PermissionError(f"cannot write the corruption cache {corrupt_dir} "
+                              f"({e.strerror or e}); choose a writable folder with "
+                              "--corrupt-dir") from None
 
 
 def evaluate_checkpoint(checkpoint, data_root, *, cache_dir=None, device="cpu",

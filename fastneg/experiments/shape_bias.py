@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 import fastneg
+from fastneg.data.files import available_cpus
 from fastneg.data.synthetic import SHAPES, DatasetSpec, make_dataset
 
 SPLITS = ("val", "conflict", "outline", "corrupt")
@@ -187,6 +187,9 @@ def run_job(job: Job) -> dict:
     """Run the job's commands in order; its timings. Output goes to RUN/experiment.log."""
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "job.json").unlink(missing_ok=True)
+    # A job that is not done starts again: the trainer refuses a new run over old checkpoints.
+    for old in [*job.run_dir.glob("checkpoint*.pt"), job.run_dir / "log.csv"]:
+        old.unlink(missing_ok=True)
     seconds = []
     with open(job.run_dir / "experiment.log", "w") as log:
         for cmd in job.commands:
@@ -400,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     p.add_argument("--methods", nargs="+", default=[m.name for m in ALL_METHODS],
                    choices=[m.name for m in ALL_METHODS])
-    p.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--processes", type=int, default=available_cpus(),
                    help="training processes per run (torchrun; default: available cores)")
     return p
 
@@ -450,7 +453,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     report = {"setup": asdict(setup), "processes": args.processes, "wall_s": wall,
               "stages_s": stages, "reused_runs": reused,
-              "python": sys.version.split()[0], "cores": len(os.sched_getaffinity(0)),
+              "python": sys.version.split()[0], "cores": available_cpus(),
               "summary": summary, "runs": results}
     (out / "shape_bias.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "shape_bias.md").write_text(markdown(summary, setup, None if reused else wall))

@@ -29,7 +29,6 @@ bit for bit.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import NamedTuple
 
 import numba
@@ -100,8 +99,8 @@ def draw_patch_tiles(n, h, w, *, patch_range=(16, 72), seed, step=0, mode="sampl
     """The draws the kernels use for samples 0..n-1 of an H x W batch, for inspection and tests:
     (d: int32 [n], corners: int32 [n, max_tiles, 2]); row k of corners[i] is (y_k, x_k) of tile k
     of the n_h x n_w grid for d[i] (rows past the grid are zero)."""
-    geometry = plan((n, h, w, 1), "nhwc", patch_range, mode)
-    seed, step = _check_counter("seed", seed), _check_counter("step", step)
+    geometry = patch_geometry((n, h, w, 1), "nhwc", patch_range, mode)
+    seed, step = rng.check_counter("seed", seed), rng.check_counter("step", step)
     tiles = np.zeros((n, geometry.max_tiles, 2), np.int32)
     sizes = np.empty(n, np.int32)
     _draw_all_cpu(seed, step, h, w, geometry.lo, geometry.hi, geometry.permute, tiles, sizes)
@@ -205,7 +204,7 @@ def cuda_kernels():
             cuda.jit(rng._rebind(_gather_kernel, names)))
 
 
-class PatchPlan(NamedTuple):
+class PatchGeometry(NamedTuple):
     """Validated geometry of one call: what both targets need besides the arrays."""
     h: int
     w: int
@@ -215,16 +214,8 @@ class PatchPlan(NamedTuple):
     max_tiles: int    # tiles of the largest grid (d = lo): rows of the per-sample corner table
 
 
-def _check_counter(name, value):
-    """value as an int, or ValueError unless it is an integer the RNG takes."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or not 0 <= value < 2 ** 63:
-        raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
-    return int(value)
-
-
-def plan(shape, layout, patch_range, mode):
-    """PatchPlan for a 4-D `shape` in `layout`, or ValueError naming the bad argument."""
+def patch_geometry(shape, layout, patch_range, mode):
+    """PatchGeometry for a 4-D `shape` in `layout`, or ValueError naming the bad argument."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if mode not in MODES:
@@ -243,7 +234,7 @@ def plan(shape, layout, patch_range, mode):
     if 2 * max_tiles >= 1 << rng.SLOT_BITS:
         raise ValueError(f"patch_range lo={lo} makes {max_tiles} tiles on a {h} x {w} input, "
                          f"more than the RNG has slots for; raise lo")
-    return PatchPlan(h, w, lo, hi, mode == "permute", max_tiles)
+    return PatchGeometry(h, w, lo, hi, mode == "permute", max_tiles)
 
 
 def memory_rows(t, layout):
@@ -283,12 +274,12 @@ def patch_negatives(x, *, layout, patch_range=(16, 72), seed, step=0, out=None, 
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    geometry = plan(x.shape, layout, patch_range, mode)
+    geometry = patch_geometry(x.shape, layout, patch_range, mode)
     if x.dtype not in DTYPES:
         raise ValueError(f"x has unsupported dtype {x.dtype}; supported: {DTYPES}")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"x must be on the CPU or a CUDA device, got {x.device}")
-    seed, step = _check_counter("seed", seed), _check_counter("step", step)
+    seed, step = rng.check_counter("seed", seed), rng.check_counter("step", step)
     src_rows = memory_rows(x, layout)
     if src_rows is None:
         raise ValueError(f"x (shape {tuple(x.shape)}, strides {x.stride()}) must be dense in "

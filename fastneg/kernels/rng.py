@@ -12,6 +12,7 @@ interpreted (the reference, slow), ``numba.njit`` for CPU kernels and
 Slots: each consumer owns a *stream* (the high bits of ``slot``) so that, say, the patch-size
 draw of sample i never equals the crop draw of the same sample. ``slot = stream << 20 | index``.
 """
+import numbers
 import types
 
 import numba
@@ -28,6 +29,15 @@ STREAM_DATA = 7       # fastneg.data synthetic dataset
 STREAM_CORRUPT = 8    # fastneg.eval.corrupt corruptions
 
 SLOT_BITS = 20        # up to ~1M draws per (stream, sample)
+COUNTER_LIMIT = 2 ** 63   # seed, step, sample and slot are integers in [0, COUNTER_LIMIT)
+
+
+def check_counter(name, value):
+    """`value` as an int, or ValueError naming `name` unless it is an integer the RNG takes."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not 0 <= value < COUNTER_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
+    return int(value)
 
 
 def _splitmix64(z):

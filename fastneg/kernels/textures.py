@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fastneg.kernels import crop, rng
-from fastneg.kernels.patch import _check_counter, overlaps
+from fastneg.kernels.patch import overlaps
 
 SLOT_BOX = rng.slot(rng.STREAM_TEXTURE, 0)
 SLOT_FLIP = SLOT_BOX + crop.SLOTS_PER_BOX
@@ -202,7 +202,7 @@ def draw_texture_params(n, h, w, *, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), seed
     """The draws the kernels use for samples 0..n-1 and H x W textures, for inspection and tests:
     int32 [n, 5] rows of (top, left, height, width, flip)."""
     bounds = _log_ratio(scale, ratio)
-    seed, step = _check_counter("seed", seed), _check_counter("step", step)
+    seed, step = rng.check_counter("seed", seed), rng.check_counter("step", step)
     params = np.empty((n, PARAMS), np.int32)
     _draw_all_cpu(seed, step, h, w, *bounds, params)
     return params
@@ -233,7 +233,7 @@ def sample_textures(bank, ids, *, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), 
             or not 1 <= size <= MAX_SIZE:
         raise ValueError(f"size must be an integer in [1, {MAX_SIZE}], got {size!r}")
     bounds = _log_ratio(scale, ratio)
-    seed, step = _check_counter("seed", seed), _check_counter("step", step)
+    seed, step = rng.check_counter("seed", seed), rng.check_counter("step", step)
     n = ids.shape[0]
     shape = (n, int(size), int(size), 3)
     if out is None:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import NamedTuple
 
-import torch
+from fastneg.loaders.batch import Batch
+
+__all__ = ["KINDS", "Batch", "available_kinds", "build_loader"]
 
 KINDS = ("dali", "ffcv", "torch")
 # kind -> (backend module, the package it needs, the pip extra that installs it)
@@ -32,13 +33,6 @@ _BACKENDS = {
     "ffcv": ("fastneg.loaders.ffcv", "ffcv", "ffcv"),
     "torch": ("fastneg.loaders.torch_loader", "torchvision", "all"),
 }
-
-
-class Batch(NamedTuple):
-    """What every loader yields."""
-    views: tuple[torch.Tensor, ...]   # each uint8 [N, size, size, 3] on the loader's device
-    labels: torch.Tensor              # int64 [N]
-    indices: torch.Tensor             # int64 [N]: dataset index (pairs a sample with its texture)
 
 
 def available_kinds() -> tuple[str, ...]:

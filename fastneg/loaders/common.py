@@ -20,8 +20,8 @@ import numba
 import numpy as np
 import torch
 
-from fastneg.data.files import (FileCheck, available_cpus, check_files, inspect_file,  # noqa: F401
-                                require_readable)
+from fastneg.data.files import (FileCheck, UnreadableFiles, available_cpus,  # noqa: F401
+                                check_files, inspect_file, require_readable)
 from fastneg.data.index import load_index
 from fastneg.kernels import crop, rng
 
@@ -54,8 +54,7 @@ class LoaderConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        object.__setattr__(self, "seed", rng.check_counter("seed", self.seed))
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
             raise ValueError(f"workers must be None or an integer >= 0, got {self.workers!r}")
         if self.scale is None:
@@ -268,9 +267,9 @@ class LoaderBase:
         skip_bad (refill then replaces them), else an error naming them."""
         if not self.cfg.skip_bad:
             listed = "\n".join(f"  {f}: {why}" for f, why in failures)
-            raise RuntimeError(f"{self.kind} loader: file(s) that passed the pre-flight check "
-                               f"failed to decode:\n{listed}\nfix or remove them, or pass "
-                               "skip_bad=True")
+            raise UnreadableFiles(f"{self.kind} loader: file(s) that passed the pre-flight "
+                                  f"check failed to decode:\n{listed}\nfix or remove them, or "
+                                  "pass skip_bad=True", failures)
         self.bad_files += [f for f in failures if f not in self.bad_files]
         self._failed.update(int(i) for i in indices)
 

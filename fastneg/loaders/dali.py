@@ -19,7 +19,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from fastneg.loaders import Batch
+from fastneg.loaders.batch import Batch
 from fastneg.loaders.common import LoaderBase, LoaderConfig, checked_image_folder, crop_boxes
 
 

@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 
 from fastneg.data import convert
 from fastneg.kernels.crop import rrc_box_cpu
-from fastneg.loaders import Batch
+from fastneg.loaders.batch import Batch
 from fastneg.loaders.common import LoaderBase, LoaderConfig, center_box_cpu, view_slot
 
 

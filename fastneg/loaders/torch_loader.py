@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import resized_crop
 
-from fastneg.loaders import Batch
+from fastneg.loaders.batch import Batch
 from fastneg.loaders.common import LoaderBase, LoaderConfig, checked_image_folder, crop_boxes
 
 

@@ -28,12 +28,13 @@ resumed or parallel build writes the same bytes as a serial one.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from contextlib import nullcontext
@@ -44,7 +45,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fastneg.data.files import available_cpus, inspect_file
 from fastneg.data.imagefolder import ImageList, scan_image_folder
+from fastneg.data.staging import write_bytes_atomic
+from fastneg.rundir import hold_lock
 from fastneg.texture import synthesis
 
 log = logging.getLogger("fastneg.texture")
@@ -141,26 +145,11 @@ def select_rows(labels: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.n
 
 # ---------------------------------------------------------------- files
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a synced temporary file and rename, so readers see the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     import io
     buf = io.BytesIO()
     np.save(buf, array)
-    _write_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def read_index(path) -> dict:
@@ -179,7 +168,19 @@ def read_index(path) -> dict:
     if meta.get("version") != VERSION:
         raise ValueError(f"{index} has version {meta.get('version')}; this fastneg reads "
                          f"version {VERSION}: rebuild the bank")
+    for key, kind in INDEX_KEYS.items():
+        if key not in meta:
+            raise ValueError(f"{index} lacks the key {key!r}: the bank is damaged; rebuild it "
+                             "with --force")
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            raise ValueError(f"{index}: {key!r} is {meta[key]!r}, not a {kind.__name__}: the "
+                             "bank is damaged; rebuild it with --force")
     return meta
+
+
+# keys of index.json that loading and resuming rely on, with their types
+INDEX_KEYS = {"complete": bool, "rows": int, "images": int, "size": int, "fingerprint": str,
+              "source_root": str}
 
 
 def _open_sized(path: Path, nbytes: int) -> int:
@@ -192,7 +193,23 @@ def _open_sized(path: Path, nbytes: int) -> int:
 
 # ---------------------------------------------------------------- workers
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: the kernel kills this worker when the builder process dies
+    (Linux prctl PR_SET_PDEATHSIG), so a killed build leaves no workers behind."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)     # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                    # not Linux: the check below only
+        pass
+    if os.getppid() != parent:     # the builder died before the prctl took effect
+        os._exit(1)
+
+
 def _load_rgb(path: Path) -> np.ndarray:
+    problem = inspect_file(path)[0]   # no FIFO read, no decompression bomb
+    if problem is not None:
+        raise ValueError(f"cannot read image {path}: {problem}")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
@@ -295,12 +312,8 @@ def build_bank(data, out, spec: BankSpec = BankSpec(), *, workers: int | None = 
     out = Path(out)
     _check_out(out, meta, resume, force)
     out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / LOCK_FILE, "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise FileExistsError(f"texture bank {out} is being written by another process") from None
+    # A lock held by a live build names its PID; one left by a killed build is taken over.
+    lock = hold_lock(out / LOCK_FILE, f"texture bank {out} (being written)")
     try:
         if force:      # only once the lock says no other build is using these files
             for name in BANK_FILES:
@@ -317,7 +330,7 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
     rows = len(sources)
     if (out / INDEX_FILE).exists() and read_index(out)["complete"]:
         return BuildReport(out, rows, 0, 0.0, 0.0, 0)
-    _write_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())
+    write_bytes_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())
     _save_npy_atomic(out / ROWS_FILE, image_rows)
     _save_npy_atomic(out / SOURCES_FILE, sources)
     row_bytes = spec.size * spec.size * 3
@@ -330,10 +343,13 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
         for a in range(0, len(todo), chunk):
             r = todo[a:a + chunk]
             jobs.append((spec, r, sources[r], [images.path(int(i)) for i in sources[r]]))
-        workers = max(1, min(workers or len(os.sched_getaffinity(0)), len(jobs) or 1))
+        workers = max(1, min(workers or available_cpus(), len(jobs) or 1))
         if workers > 1:
             _warm_up()
-        pool = ProcessPoolExecutor(workers) if workers > 1 else None
+        # fork: the workers inherit the compiled kernels (_warm_up); they die with this process.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with_parent,
+                                   initargs=(os.getpid(),)) if workers > 1 else None
         bar = _Progress(total=rows, initial=rows - len(todo), disable=not progress, unit="tex",
                    desc=f"build-bank {out.name}", smoothing=0.1)
         t0 = time.perf_counter()
@@ -358,7 +374,7 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
     finally:
         os.close(tex_fd)
         os.close(done_fd)
-    _write_atomic(out / INDEX_FILE, json.dumps({**meta, "complete": True}, indent=1).encode())
+    write_bytes_atomic(out / INDEX_FILE, json.dumps({**meta, "complete": True}, indent=1).encode())
     (out / DONE_FILE).unlink()
     return BuildReport(out, rows, len(todo), seconds, cpu, workers)
 

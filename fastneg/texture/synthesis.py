@@ -8,14 +8,14 @@ error is within (1 + tol) of the best, pasted, and joined to its neighbours alon
 boundary cut through the overlap (dynamic programming), so each block is a verbatim copy of an
 exemplar window except on its side of the seam.
 
-How the search is fast enough (<= 50 ms per 224x224 texture per core): the SSD over all candidate
-positions is  sum(E^2) - 2 * corr(E, T) + sum(T^2)  for exemplar E and template T (the L-shaped
-overlap, zero elsewhere). sum(E^2) over the L comes from an integral image; the correlation for
-all windows at once comes from one FFT product per block (numpy's pocketfft, float64), and
-sum(T^2) is one number. The correlation of integer images is an integer, and the float64 FFT is
-orders of magnitude more precise than 0.5 at these sizes, so it is rounded: errors are exact
-integers, choices never depend on floating-point noise, and a texture is the same bytes on every
-machine and in every batch. Numba compiles the rest (template, error map, choice, cut, paste).
+The search: the SSD over all candidate positions is  sum(E^2) - 2 * corr(E, T) + sum(T^2)  for
+exemplar E and template T (the L-shaped overlap, zero elsewhere). sum(E^2) over the L comes from an
+integral image; the correlation for all windows at once comes from one FFT product per block
+(numpy's pocketfft, float64), and sum(T^2) is one number. The correlation of integer images is an
+integer, and the float64 FFT is orders of magnitude more precise than 0.5 at these sizes, so it is
+rounded: errors are exact integers, choices never depend on floating-point noise, and a texture is
+the same bytes on every machine and in every batch. Numba compiles the rest (template, error map,
+choice, cut, paste).
 
 Randomness: every choice is rng.randint(seed, 0, sample, slot(STREAM_TEXSYN, first_slot + b)),
 so texture `sample` depends only on (seed, sample) and the exemplars.
@@ -23,7 +23,7 @@ so texture `sample` depends only on (seed, sample) and the exemplars.
 The paper's recipe (`synthesize`): exemplars = the central and one random 96x96 crop of the
 source image, output 224x224. Tiny-image rule: a source whose shorter side is below the exemplar
 size is first upscaled (bicubic, aspect kept) so that its shorter side equals the exemplar size.
-A CuPy path is not provided: this path already meets the CPU target, and the bank is built once.
+Speed and the choice of a CPU-only path: docs/implementation-notes.md.
 """
 from __future__ import annotations
 
