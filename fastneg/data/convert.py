@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastneg.data.staging import swap_in, temporary_sibling   # _write swaps the file in
+
 
 LAYOUT = "fastneg-beton"
 LAYOUT_VERSION = 1
@@ -93,7 +95,6 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
     from fastneg.data.files import available_cpus, require_readable
     from fastneg.data.index import load_index
-    from fastneg.data.staging import swap_in, temporary_sibling
 
     if not 1 <= max_side <= MAX_SIDE_LIMIT:
         raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+import fastneg.data.files as file_rules
 from fastneg.data.files import FileCheck, available_cpus, check_files
 from fastneg.data.imagefolder import IMG_EXTENSIONS, ImageList, scan_image_folder
 
@@ -192,8 +193,10 @@ def list_folder(root) -> tuple[ImageList, np.ndarray, np.ndarray]:
 
 
 def folder_state(images: ImageList, sizes: np.ndarray, mtimes: np.ndarray) -> str:
-    """sha256 of the listing, labels, sizes and mtimes (and the check rules' version)."""
-    h = hashlib.sha256(f"fastneg-index {CHECK_VERSION} {len(images)}\n".encode())
+    """sha256 of the listing, labels, sizes and mtimes (and the check rules: their version and
+    the pixel limit, which FASTNEG_MAX_PIXELS may change)."""
+    h = hashlib.sha256(f"fastneg-index {CHECK_VERSION} {file_rules.MAX_PIXELS} "
+                       f"{len(images)}\n".encode())
     h.update(os.fsencode("\0".join(images.classes)) + b"\1")
     h.update(os.fsencode("\0".join(images.files)) + b"\1")
     for a in (images.labels, sizes, mtimes):
