@@ -7,9 +7,10 @@ Dataset pipeline runs it), in one process, on the same inputs, at each thread co
 
 All sides get the same uint8 batch [N, H, W, 3] already on the device and produce normalized
 [N, 3, H, W] there, with the same draws for both fastneg paths (sample() is timed apart).
-fused: MoCoV2Augment.apply on CPU tensors (one Numba kernel; its first call, untimed, loads or
-compiles it). torch: the batched torch ops (MoCoV2Augment._apply_torch; what apply runs on CUDA,
-where the fused column is left out). torchvision: RandomHorizontalFlip, RandomApply(ColorJitter
+fused: MoCoV2Augment.apply (one Numba kernel: fastneg.augment_cpu on CPU tensors,
+fastneg.augment_cuda on CUDA ones; its first call, untimed, loads or compiles it). torch: the
+batched torch-op chain (MoCoV2Augment._apply_torch, the reference). *_ms_per_batch: the same
+medians per batch of --batch images (the GPU check reports 224 px batches of 256). torchvision: RandomHorizontalFlip, RandomApply(ColorJitter
 (0.4, 0.4, 0.4, 0.1), p 0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur(kernel as fastneg's,
 sigma 0.1..2), p 0.5), ToDtype(float32, scale), Normalize, on each image's CHW view in a loop over
 the first --baseline-images images (a per-image loop costs the same per image at any batch size).
@@ -118,9 +119,8 @@ def main(argv=None) -> int:
         for i in range(n_base):
             reference(x[i].permute(2, 0, 1))
 
-    sides = {"torch": (lambda: aug._apply_torch(x, params), n), "torchvision": (baseline, n_base)}
-    if on_cpu:
-        sides = {"fused": (lambda: aug.apply(x, params), n), **sides}
+    sides = {"fused": (lambda: aug.apply(x, params), n),
+             "torch": (lambda: aug._apply_torch(x, params), n), "torchvision": (baseline, n_base)}
     for fn, _ in sides.values():   # warm-up: Numba load/compile, allocator, cuDNN/oneDNN plans
         fn()
 
@@ -139,10 +139,11 @@ def main(argv=None) -> int:
         for name, (_, images) in sides.items():
             run[f"{name}_ms_per_img"] = ms_per_image(times[name], 0, images)
             run[f"{name}_cpu_ms_per_img"] = ms_per_image(times[name], 1, images)
-        apply_key = "fused_ms_per_img" if on_cpu else "torch_ms_per_img"
-        run["speedup_apply_vs_torchvision"] = run["torchvision_ms_per_img"] / run[apply_key]
-        if on_cpu:
-            run["speedup_fused_vs_torch"] = run["torch_ms_per_img"] / run["fused_ms_per_img"]
+        for name in ("fused", "torch"):
+            run[f"{name}_ms_per_batch"] = run[f"{name}_ms_per_img"] * n
+        run["speedup_apply_vs_torchvision"] = (run["torchvision_ms_per_img"]
+                                               / run["fused_ms_per_img"])
+        run["speedup_fused_vs_torch"] = run["torch_ms_per_img"] / run["fused_ms_per_img"]
         runs.append(run)
 
     result = {
@@ -157,13 +158,12 @@ def main(argv=None) -> int:
           f"ms per image")
     columns = [name for name in sides] + ["sample"]
     print(f"  {'threads':>7} " + " ".join(f"{c:>12}" for c in columns)
-          + (f" {'x_vs_torch':>11} {'x_vs_tv':>8}" if on_cpu else f" {'x_vs_tv':>8}")
+          + f" {'x_vs_torch':>11} {'x_vs_tv':>8}"
           + "   CPU ms per image: " + " ".join(f"{c:>11}" for c in sides))
     for run in runs:
         line = f"  {run['threads']:>7} " + " ".join(f"{run[f'{c}_ms_per_img']:12.3f}"
                                                    for c in columns)
-        if on_cpu:
-            line += f" {run['speedup_fused_vs_torch']:10.2f}x"
+        line += f" {run['speedup_fused_vs_torch']:10.2f}x"
         line += f" {run['speedup_apply_vs_torchvision']:7.2f}x" + " " * 21
         line += " ".join(f"{run[f'{c}_cpu_ms_per_img']:11.3f}" for c in sides)
         print(line)

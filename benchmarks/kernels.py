@@ -9,11 +9,21 @@ trainer's case), each once allocating its output (yardstick: torch.clone, which 
 and once into a preallocated out= (yardstick: out.copy_(x)); sample_textures from a bank of
 224 x 224 textures into uint8 [N, size, size, 3] (yardstick: clone of a tensor that size).
 GB/s counts one read and one write of the output's bytes (what a copy moves); "of copy" is
-that over the yardstick's GB/s. The anchors (reference.patch_negatives, the paper's loop with
-its canvas; torchvision resized_crop + hflip image by image) run on --anchor-samples images and
-are scaled to the batch (median of three runs). Measurements alternate between a row and its yardstick so that load
-from other processes hits both alike; each figure is the median over --repeats, and on CUDA
-each repeat times --inner back-to-back calls between two synchronisations.
+that over the yardstick's GB/s. sample_textures runs with check_ids=False, as in the trainer
+(the id check costs a host sync on CUDA). The anchors (reference.patch_negatives, the paper's
+loop with its canvas; torchvision resized_crop + hflip image by image) run on --anchor-samples
+images and are scaled to the batch (median of three runs). Measurements alternate between a
+row and its yardstick so that load from other processes hits both alike; each figure is the
+median over --repeats of --inner back-to-back calls.
+
+Timing on CUDA: device time from CUDA events around the --inner calls, queued behind a short
+spin kernel so that the GPU never waits for Python to launch the next call (at H200 speed a
+38 MB copy takes ~20 us, less than launching it); the host's own cost, microseconds of wall
+time per call to queue the work, is reported apart (host_us). host_bound marks a row whose
+host time per call exceeds its device time: there the GPU would idle between calls in a loop
+like this one, and only a longer queue ahead of it (as in training) hides the launches.
+On CPU both are the wall time per call. The JSON is rewritten after every row, so a time-out
+keeps the rows already measured.
 """
 from __future__ import annotations
 
@@ -36,6 +46,41 @@ BANK_SIDE = 224
 ANCHOR_REPEATS = 3      # the anchors are slow and only set the scale: a median of three
 
 
+SPIN_SECONDS = 0.005    # GPU busy-wait queued ahead of each timed CUDA measurement
+
+
+def _spin_cycles(device) -> int:
+    """GPU clock cycles that last about SPIN_SECONDS on `device`."""
+    try:
+        rate_khz = torch.cuda.get_device_properties(device).clock_rate
+    except AttributeError:          # torch builds without the field: assume 2 GHz
+        rate_khz = 2_000_000
+    return int(SPIN_SECONDS * rate_khz * 1e3)
+
+
+def timed_calls(fn, device, inner) -> tuple[float, float]:
+    """(device seconds per call, host seconds per call) over `inner` back-to-back calls of fn
+    (module docstring). On CPU both are the wall time per call."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        wall = (time.perf_counter() - t0) / inner
+        return wall, wall
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(_spin_cycles(device))   # the GPU is busy while the calls are queued
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        host = (time.perf_counter() - t0) / inner
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner, host
+
+
 def seconds_per_call(fn, device, inner) -> float:
     """Wall seconds per call of fn over `inner` calls, queued device work included."""
     if device.type == "cuda":
@@ -49,14 +94,16 @@ def seconds_per_call(fn, device, inner) -> float:
 
 
 def alternate(pair, device, repeats, inner):
-    """Median seconds per call of each function of `pair`, measured in alternation."""
+    """[(median device seconds, median host seconds) per call] for each function of `pair`,
+    measured in alternation."""
     times = [[], []]
     for fn in pair:                                   # warm-up: JIT compile, allocator
         fn()
     for _ in range(repeats):
         for k, fn in enumerate(pair):
-            times[k].append(seconds_per_call(fn, device, inner))
-    return [statistics.median(t) for t in times]
+            times[k].append(timed_calls(fn, device, inner))
+    return [(statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs))
+            for runs in times]
 
 
 def patch_anchor(x, layout, samples, repeats):
@@ -80,7 +127,8 @@ def texture_anchor(bank, ids, size, samples, repeats):
     return statistics.median(runs) * ids.shape[0] / samples
 
 
-def run(args):
+def run(args, on_row=lambda rows: None):
+    """The benchmark's rows; on_row(rows so far) after each one."""
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     n, s = args.batch, args.size
@@ -93,12 +141,16 @@ def run(args):
     }
     rows = []
 
-    def record(op, name, seconds, yardstick, copy_seconds, nbytes, anchor_seconds):
+    def record(op, name, timing, yardstick, copy_timing, nbytes, anchor_seconds):
+        (seconds, host), (copy_seconds, copy_host) = timing, copy_timing
         gbps = 2 * nbytes / seconds / 1e9
         rows.append({"op": op, "input": name, "yardstick": yardstick, "ms": seconds * 1e3,
                      "gb_per_s": gbps, "copy_ms": copy_seconds * 1e3,
                      "of_copy": copy_seconds / seconds,
+                     "host_us": host * 1e6, "copy_host_us": copy_host * 1e6,
+                     "host_bound": host > seconds,
                      "speedup_vs_loop": anchor_seconds / seconds})
+        on_row(rows)
 
     for name, (layout, cpu_x) in inputs.items():
         x = cpu_x.to(device)
@@ -119,14 +171,15 @@ def run(args):
     like = torch.empty((n, s, s, 3), dtype=torch.uint8, device=device)
     like_source = pixels.to(device)
     anchor = texture_anchor(bank, ids, s, args.anchor_samples, ANCHOR_REPEATS)
-    t, copy = alternate([lambda: sample_textures(bank, ids, size=s, seed=0, step=1), like.clone],
+    t, copy = alternate([lambda: sample_textures(bank, ids, size=s, seed=0, step=1,
+                                                 check_ids=False), like.clone],
                         device, args.repeats, args.inner)
     record("sample_textures", f"bank {BANK_SIZE} x {BANK_SIDE}^2", t, "clone", copy, like.nbytes,
            anchor)
     t, copy = alternate([lambda: sample_textures(bank, ids, size=s, seed=0, step=1, out=like,
                                                  check_ids=False), lambda: like.copy_(like_source)],
                         device, args.repeats, args.inner)
-    record("sample_textures out=, no id check", f"bank {BANK_SIZE} x {BANK_SIDE}^2", t, "copy_",
+    record("sample_textures out=", f"bank {BANK_SIZE} x {BANK_SIDE}^2", t, "copy_",
            copy, like.nbytes, anchor)
     return rows
 
@@ -156,20 +209,26 @@ def main(argv=None) -> int:
         ap.error("need --batch, --repeats, --inner >= 1, --size >= 80 (the paper's patch sizes "
                  "go up to 72) and 1 <= --anchor-samples <= --batch")
 
-    rows = run(args)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+    def write_json(rows):
+        if args.json:
+            args.json.write_text(json.dumps({
+                "device": str(device), "device_name": where, "batch": args.batch,
+                "size": args.size, "repeats": args.repeats, "inner": args.inner,
+                "timing": "cuda events" if device.type == "cuda" else "wall",
+                "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+
+    rows = run(args, on_row=write_json)
     print(f"fastneg.kernels on {device} ({where}): batch {args.batch} x {args.size} x "
           f"{args.size}, median of {args.repeats} x {args.inner} calls")
-    print(f"{'op':<34}{'input':<30}{'ms':>9}{'GB/s':>8}  {'of copy':>14}{'vs loop':>9}")
+    print(f"{'op':<34}{'input':<30}{'ms':>9}{'GB/s':>8}  {'of copy':>14}{'vs loop':>9}"
+          f"{'host us':>9}")
     for r in rows:
         print(f"{r['op']:<34}{r['input']:<30}{r['ms']:>9.3f}{r['gb_per_s']:>8.1f}  "
-              f"{r['of_copy']:>7.0%} {r['yardstick']:<6}{r['speedup_vs_loop']:>8.0f}x")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "device": str(device), "device_name": where, "batch": args.batch, "size": args.size,
-            "repeats": args.repeats, "inner": args.inner, "torch": torch.__version__,
-            "rows": rows}, indent=2) + "\n")
+              f"{r['of_copy']:>7.0%} {r['yardstick']:<6}{r['speedup_vs_loop']:>8.0f}x"
+              f"{r['host_us']:>9.0f}{' (host-bound)' if r['host_bound'] else ''}")
     return 0
 
 

@@ -10,9 +10,10 @@ aug-plus does to the pixels, per sample and for the whole batch at once:
     Gaussian blur (p 0.5, sigma ~ U[0.1, 2.0], odd kernel ~10% of the side, separable, reflect)
     normalize (ImageNet mean/std) -> [N, 3, H, W], channels_last memory
 
-Two implementations of the same formulas: on CPU tensors one fused Numba kernel
-(fastneg.augment_cpu, every op of a sample in at most three passes over its pixels); on other
-devices batched torch ops (below), which are also the reference the CPU kernel is tested against.
+Three implementations of the same formulas: on CPU tensors one fused Numba kernel
+(fastneg.augment_cpu, every op of a sample in at most three passes over its pixels); on CUDA
+tensors its GPU twin (fastneg.augment_cuda, one Numba CUDA launch per batch); on other devices
+batched torch ops (below), which are also the reference both kernels are tested against.
 
     aug = MoCoV2Augment()
     params = aug.sample(n, seed=seed, step=step, view=0, device=x.device)   # the draws, as tensors
@@ -29,8 +30,8 @@ uint8 rounding that torchvision applies between ops on uint8 images; the differe
 one grey level per op. Pixels stay on the 0..255 scale throughout (every op is scale-invariant
 apart from its clamp bound), so the uint8->float step is a bare copy and 1/255 folds into the
 normalization. In the torch path, samples without jitter still pass the batch's hue pass with a
-zero shift, which is the identity up to float rounding (~1e-6 of the range); the CPU kernel skips
-ops at their identity. On CUDA the blur is a cuDNN convolution and follows
+zero shift, which is the identity up to float rounding (~1e-6 of the range); the kernels skip
+ops at their identity. In the torch path on CUDA the blur is a cuDNN convolution and follows
 torch.backends.cudnn.allow_tf32 (on by default in PyTorch: TF32 rounds to ~5e-4 relative, a
 tenth of a grey level).
 """
@@ -210,9 +211,13 @@ class MoCoV2Augment:
         """uint8 [N, H, W, 3] (any device) -> normalized [N, 3, H, W], channels_last, self.dtype.
 
         CPU tensors go through one fused Numba kernel (fastneg.augment_cpu; the first call in a
-        process loads or compiles it); other devices through batched torch ops, which never read
-        a tensor's values on the host, so on CUDA they queue work without syncing.
+        process loads or compiles it), CUDA tensors through its GPU twin (fastneg.augment_cuda,
+        one launch per batch on torch's current stream; images wider than its MAX_WIDTH take
+        the torch path); other devices through batched torch ops (_apply_torch, the reference).
+        None of them reads a tensor's values on the host: on CUDA they queue work without syncing.
         """
+        if x.device.type == "cuda":
+            return self._apply_fused_cuda(x, self._checked(x, params))
         if x.device.type != "cpu":
             return self._apply_torch(x, params)
         return self._apply_fused_cpu(x, self._checked(x, params))
@@ -246,6 +251,29 @@ class MoCoV2Augment:
             p.order.to(torch.int64).contiguous().numpy(), kernel_x.numpy(), kernel_y.numpy(),
             self._luma, scale, shift, scratch, out)
         out = torch.from_numpy(out).permute(0, 3, 1, 2)      # NCHW view, channels_last memory
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def _apply_fused_cuda(self, x, p):
+        """apply() on CUDA tensors: the CPU kernel's packed draws, one fastneg.augment_cuda
+        launch, then the cast to self.dtype."""
+        from fastneg import augment_cuda    # imports this module: import it once both exist
+        n, h, w, _ = x.shape
+        if w > augment_cuda.MAX_WIDTH:
+            return self._apply_torch(x, p)
+        flags = torch.stack([p.flip & (self.flip_p > 0), p.jitter_on & (self.jitter_p > 0),
+                             p.gray & (self.gray_p > 0), p.blur_on & (self.blur_p > 0)], 1)
+        hue = p.hue if self.jitter[3] > 0 else torch.zeros_like(p.hue)
+        factors = torch.stack([p.brightness, p.contrast, p.saturation, hue], 1).float()
+        kernel_x = _gaussian_kernels(p.sigma.float(), blur_kernel_size(w))
+        kernel_y = _gaussian_kernels(p.sigma.float(), blur_kernel_size(h))
+        scale, shift = (t.view(3) for t in self._normalization(x.device))
+        luma = self._constants.get((x.device, "luma"))
+        if luma is None:
+            luma = self._constants[(x.device, "luma")] = torch.tensor(LUMA, device=x.device)
+        out = augment_cuda.fused_aug_plus_cuda(
+            x, flags.to(torch.uint8), factors.contiguous(), p.order.to(torch.int64).contiguous(),
+            kernel_x, kernel_y, luma, scale, shift)
+        out = out.permute(0, 3, 1, 2)                  # NCHW view, channels_last memory
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     def _apply_torch(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:

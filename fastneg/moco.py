@@ -24,6 +24,8 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
+from fastneg.kernels import rng
+
 BN_MODES = ("shuffle", "sync")
 SMALL_ARCHS = {
     # name: (blocks per stage, stage widths). Narrow BasicBlock ResNets for CPU training.
@@ -141,15 +143,37 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+# torch >= 2.14 calls it all_gather_single (all_gather_into_tensor, its old name, warns there).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @torch.no_grad()
 def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """x of every rank, concatenated in rank order (no gradient); x itself in one process."""
+    """x of every rank, concatenated in rank order (no gradient); x itself in one process.
+
+    One collective straight into one output buffer (NCCL and gloo). A channels_last batch
+    travels as the NHWC tensor its memory is (no copy to NCHW first) and comes back
+    channels_last.
+    """
     world = _world()
     if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    if x.dim() == 4 and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        return concat_all_gather(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x)
+    return out
+
+
+def shuffle_seed(seed: int, step: int) -> int:
+    """Seed (64 bits) of shuffle-BN's permutation at `step`: two draws of fastneg.kernels.rng,
+    so every seed and step in [0, 2**63) is valid and no two (seed, step) pairs share it by
+    construction (seed * 2**32 + step overflowed torch's 64-bit seed from seed 2**32 on)."""
+    high = rng.mix(seed, step, 0, rng.slot(rng.STREAM_SHUFFLE_BN, 0))
+    low = rng.mix(seed, step, 0, rng.slot(rng.STREAM_SHUFFLE_BN, 1))
+    return high << 32 | low
 
 
 # ---------------------------------------------------------------- the model
@@ -204,7 +228,7 @@ class MoCo(nn.Module):
         x_all = concat_all_gather(x)
         # The same permutation on every rank, a function of (seed, step) only: no broadcast.
         gen = torch.Generator(device=x.device)
-        gen.manual_seed(self.seed * 2 ** 32 + step)
+        gen.manual_seed(shuffle_seed(self.seed, step))
         perm = torch.randperm(world * n, generator=gen, device=x.device)
         mine = perm.view(world, n)[rank]
         feats_all = concat_all_gather(F.normalize(self.encoder_k(x_all[mine]), dim=1))

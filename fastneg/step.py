@@ -8,8 +8,10 @@
    the global batch (rank r of ranks with n samples each owns samples r * n .. r * n + n - 1);
 2. aug-plus on every view (fastneg.augment);
 3. patch NS of the augmented query (fastneg.kernels.patch_negatives);
-4. texture NS: the image's own texture from a bank (fastneg.kernels.sample_textures), given the
-   query's augmentation draws (its colour, grey, blur and flip).
+4. texture NS: the image's own texture, given the query's augmentation draws (its colour, grey,
+   blur and flip): the loader's batch.textures (a JPEG bank, cropped and flipped by the loader
+   per (seed, epoch, dataset index)), or else a random resized crop from a bank held whole
+   (fastneg.kernels.sample_textures, per (seed, draw_step, row)).
 
 The NS kernels count samples by batch row, so they take draw_step = step * world_size + rank
 to keep ranks apart. The trainer and the benchmarks call this function, so what the benchmarks
@@ -35,15 +37,18 @@ def make_views_and_negatives(batch, *, aug, seed: int, step: int, rank: int = 0,
     """(views, negatives) for one rank's `batch` (a fastneg.loaders.Batch) at training `step`.
 
     aug: a fastneg.augment.MoCoV2Augment (its dtype is the output dtype).
-    negatives: one of NEGATIVES; "texture" and "both" need `textures`, an object with
-    for_batch(indices) -> (bank, ids) such as fastneg.texture.TextureBank.
+    negatives: one of NEGATIVES; "texture" and "both" need batch.textures (a loader built with
+    texture_bank=) or `textures`, an object with for_batch(indices) -> (bank, ids) such as
+    fastneg.texture.TextureBank.
     Returns views (a list, one normalized [N, 3, H, W] tensor per loader view, the query first)
     and negatives (a list: the patch NS, then the texture NS, as asked).
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    if negatives in ("texture", "both") and textures is None:
-        raise ValueError(f"negatives={negatives!r} needs a texture bank (textures=...)")
+    from_loader = getattr(batch, "textures", None)
+    if negatives in ("texture", "both") and textures is None and from_loader is None:
+        raise ValueError(f"negatives={negatives!r} needs a texture bank (a loader's "
+                         "texture_bank= or textures=...)")
     n = batch.views[0].shape[0]
     device = batch.views[0].device
     draws = [aug.sample(n, seed=seed, step=step, view=i, first=rank * n, device=device)
@@ -54,7 +59,9 @@ def make_views_and_negatives(batch, *, aug, seed: int, step: int, rank: int = 0,
     if negatives in ("patch", "both"):
         made.append(patch_negatives(views[0], layout="nchw", patch_range=tuple(patch_range),
                                     seed=seed, step=draw_step))
-    if negatives in ("texture", "both"):
+    if negatives in ("texture", "both") and from_loader is not None:
+        made.append(aug.apply(from_loader, draws[0]))
+    elif negatives in ("texture", "both"):
         made.append(texture_negatives(batch, textures, aug, draws[0], seed=seed,
                                       draw_step=draw_step, size=views[0].shape[-1]))
     return views, made

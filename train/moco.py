@@ -64,6 +64,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: E402
 from fastneg.data.files import available_cpus  # noqa: E402
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
+from fastneg.gpu import refuse_cpu_fallback  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
 from fastneg import rundir  # noqa: E402
 from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
@@ -176,6 +177,7 @@ def resolve_args(parser, argv=None):
     args = parser.parse_args(argv)
     explicit = {k: v for k, v in vars(args).items() if v is not None}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    refuse_cpu_fallback(args.device, args.preset)   # ValueError: meant for a GPU, none usable
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     ckpt = None
@@ -304,16 +306,27 @@ def dataset_root(args, procs: Processes) -> Path:
     return root
 
 
+def loader_texture_bank(args) -> str | None:
+    """The --texture-bank the loader reads (Batch.textures): a JPEG bank is fetched per batch
+    like the images; a raw one is loaded whole by step_inputs instead. None without one."""
+    if args.negatives not in ("texture", "both"):
+        return None
+    from fastneg.texture.bank import read_index, storage_of
+    return args.texture_bank if storage_of(read_index(args.texture_bank)) == "jpeg" else None
+
+
 def loader_source(args, procs: Processes, root: Path) -> Path:
-    """What the loader reads: ROOT/train, or for FFCV ROOT/train.beton (converted once)."""
+    """What the loader reads: ROOT/train, or for FFCV ROOT/train.beton (converted once;
+    ROOT/train.textures.beton with the textures of a JPEG --texture-bank)."""
     if args.loader != "ffcv":
         return root / "train"
-    beton = root / "train.beton"
+    bank = loader_texture_bank(args)
+    beton = root / ("train.textures.beton" if bank else "train.beton")
     if procs.local_rank == 0 and not beton.exists():
         # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
         print(f"converting {root / 'train'} to {beton} (once)", flush=True)
         from fastneg.data.convert import convert_to_beton
-        convert_to_beton(root / "train", beton)   # its own process; errors: ValueError
+        convert_to_beton(root / "train", beton, texture_bank=bank)   # errors: ValueError
     if procs.distributed:
         dist.barrier()
     return beton
@@ -325,7 +338,7 @@ def build_training_loader(args, procs: Processes, source: Path):
                         views=2, size=args.size, scale=tuple(args.crop_scale),
                         device=str(procs.device), rank=procs.rank, world_size=procs.world,
                         seed=args.seed, workers=args.workers, drop_last=True, shuffle=True,
-                        skip_bad=args.skip_bad)
+                        texture_bank=loader_texture_bank(args), skip_bad=args.skip_bad)
 
 
 def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
@@ -341,12 +354,12 @@ def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
 
 def step_inputs(args, procs: Processes, root: Path):
     """make_views_and_negatives with this run's settings bound: call it with (batch, step=...).
-    Loads the texture bank for --negatives texture|both."""
+    Loads a raw texture bank for --negatives texture|both (a JPEG one comes with the batches)."""
     amp_dtype = PRECISIONS[args.precision]
     on_gpu = procs.device.type == "cuda"
     aug = MoCoV2Augment(dtype=amp_dtype if on_gpu and amp_dtype else torch.float32)
     bank = None
-    if args.negatives in ("texture", "both"):
+    if args.negatives in ("texture", "both") and loader_texture_bank(args) is None:
         from fastneg.texture import TextureBank
         bank = TextureBank.load(args.texture_bank, procs.device, expect=str(root / "train"))
     return functools.partial(make_views_and_negatives, aug=aug, seed=args.seed,
@@ -471,7 +484,7 @@ class RunLog:
 
     def __init__(self, out: Path, *, main: bool, device, batch_size: int, log_every: int,
                  total_steps: int, start_step: int, resumed: bool = False):
-        from tqdm import tqdm
+        from fastneg.progress import tqdm
         self.batch_size, self.log_every, self.total_steps = batch_size, log_every, total_steps
         self.csv_file = self.csv = self.tensorboard = None
         if main:

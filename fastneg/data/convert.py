@@ -6,9 +6,11 @@ fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
             to RGB, shrunk (OpenCV INTER_AREA) so the longer side is at most `max_side`
     label   IntField, the class index; -1 marks a file that could not be decoded
     index   IntField, the dataset index
-and a sidecar OUT.beton.json: layout version, classes, source fingerprint, the bad files.
-File and class names are stored as Python reads them from the file system: a name that is not
-valid UTF-8 keeps its raw bytes as escaped surrogates ("\udcff"), so
+and with --texture-bank BANK (a JPEG texture bank of DIR) a fourth field
+    texture BytesField, the sample's texture as stored in the bank (its JPEG file, not re-encoded)
+and a sidecar OUT.beton.json: layout version, classes, source fingerprint, the bad files (and
+the texture bank's folder and texture size). File and class names are stored as Python reads
+them from the file system: a name that is not valid UTF-8 keeps its raw bytes as escaped surrogates ("\udcff"), so
 os.fsencode(json.loads(sidecar)["bad"][k][1]) gives back the exact bytes of the name.
 
 Every file is checked before writing (fastneg.data.files.check_files, stored in the dataset
@@ -29,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fastneg.data.staging import swap_in, temporary_sibling   # _write swaps the file in
-
+from fastneg.data.staging import swap_in, temporary_sibling
 
 LAYOUT = "fastneg-beton"
 LAYOUT_VERSION = 1
 FIELDS = ("image", "label", "index")
+TEXTURE_FIELD = "texture"    # optional fourth field (--texture-bank)
 BAD_LABEL = -1
 DEFAULT_MAX_SIDE = 512     # as in FFCV's ImageNet examples; larger sides mostly cost decode time
 DEFAULT_QUALITY = 90
@@ -52,18 +54,20 @@ class _Samples:
     1x1 placeholder with label BAD_LABEL.
     """
 
-    def __init__(self, images, skip: set[int]):
-        self.images, self.skip = images, skip
+    def __init__(self, images, skip: set[int], bank=None):
+        self.images, self.skip, self.bank = images, skip, bank
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        placeholder = (np.zeros((1, 1, 3), np.uint8), BAD_LABEL, i)
+        texture = () if self.bank is None else (
+            self.bank.encoded(int(self.bank.rows_for([i])[0])).copy(),)
+        placeholder = (np.zeros((1, 1, 3), np.uint8), BAD_LABEL, i, *texture)
         if i in self.skip:
             return placeholder
         try:
-            return decode_rgb(self.images.path(i)), int(self.images.labels[i]), i
+            return decode_rgb(self.images.path(i)), int(self.images.labels[i]), i, *texture
         except Exception:   # noqa: BLE001 - reported after writing, see write_beton
             return placeholder
 
@@ -90,7 +94,8 @@ def _page_size(max_side: int) -> int:
 
 
 def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY,
-                skip_bad: bool = False, workers: int | None = None, force: bool = False) -> dict:
+                skip_bad: bool = False, workers: int | None = None, force: bool = False,
+                texture_bank=None) -> dict:
     """Write the .beton and its sidecar in this process (see the module docstring); returns the
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
     from fastneg.data.files import available_cpus, require_readable
@@ -111,10 +116,18 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     images = check.images
     require_readable(check, skip_bad)
     bad = dict(check.bad)
+    bank = None
+    if texture_bank is not None:
+        from fastneg.texture.bank import BankReader
+        bank = BankReader(texture_bank, expect=images)     # a bank made from `src`
+        if bank.storage != "jpeg":
+            raise ValueError(f"texture bank {texture_bank} is stored raw; the .beton stores JPEG "
+                             "textures: rebuild it with fastneg build-bank --format jpeg")
+
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = temporary_sibling(out)   # swapped in when complete
     try:
-        return _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad)
+        return _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad, bank)
     finally:
         partial.unlink(missing_ok=True)    # after any error: no half-written file is left
 
@@ -129,17 +142,19 @@ def _check_writable(folder: Path) -> None:
                               "another output file")
 
 
-def _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad) -> dict:
-    from ffcv.fields import IntField, RGBImageField
+def _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad, bank) -> dict:
+    from ffcv.fields import BytesField, IntField, RGBImageField
     from ffcv.reader import Reader
     from ffcv.writer import DatasetWriter
 
     fields = {"image": RGBImageField(write_mode="jpg", max_resolution=max_side,
                                      jpeg_quality=quality),
               "label": IntField(), "index": IntField()}
+    if bank is not None:
+        fields[TEXTURE_FIELD] = BytesField()
     writer = DatasetWriter(str(partial), fields, page_size=_page_size(max_side),
                            num_workers=workers)
-    writer.from_indexed_dataset(_Samples(images, set(bad)))
+    writer.from_indexed_dataset(_Samples(images, set(bad), bank))
 
     labels = Reader(str(partial)).metadata["f1"]
     for i in np.flatnonzero(labels == BAD_LABEL).tolist():
@@ -153,6 +168,8 @@ def _write(images, check, bad, out, partial, max_side, quality, workers, skip_ba
             "fingerprint": images.fingerprint(), "classes": list(images.classes),
             "samples": len(images), "max_side": max_side, "quality": quality,
             "bad": [[i, images.files[i], bad[i]] for i in sorted(bad)]}
+    if bank is not None:
+        info["texture_bank"] = {"path": str(bank.path.resolve()), "size": bank.size}
     sidecar_path(out).write_text(json.dumps(info, indent=1))
     swap_in(partial, out)
     return info
@@ -161,7 +178,7 @@ def _write(images, check, bad, out, partial, max_side, quality, workers, skip_ba
 def convert_to_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE,
                      quality: int = DEFAULT_QUALITY, skip_bad: bool = False,
                      workers: int | None = None, force: bool = False,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, texture_bank=None) -> Path:
     """`fastneg convert --to ffcv` in a child process (safe from any process); returns `out`.
 
     Errors of the conversion come back as ValueError with the child's message.
@@ -170,6 +187,7 @@ def convert_to_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE,
            str(out), "--max-side", str(max_side), "--quality", str(quality)]
     cmd += ["--skip-bad"] * skip_bad + ["--force"] * force
     cmd += ["--workers", str(workers)] if workers else []
+    cmd += ["--texture-bank", str(texture_bank)] if texture_bank is not None else []
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
                           text=True)
     if done.returncode != 0:
@@ -196,13 +214,17 @@ def register(sub) -> None:
                    help="store unreadable files as placeholders that loaders skip, "
                         "instead of stopping")
     c.add_argument("--workers", type=int, default=None, help="processes (default: available cores)")
+    c.add_argument("--texture-bank", metavar="BANK", default=None,
+                   help="also store each image's texture from this JPEG texture bank (for "
+                        "build_loader('ffcv', ..., texture_bank=...))")
     c.add_argument("--force", action="store_true", help="replace an existing output file")
     c.set_defaults(func=run)
 
 
 def run(args) -> None:
     info = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality,
-                       skip_bad=args.skip_bad, workers=args.workers, force=args.force)
+                       skip_bad=args.skip_bad, workers=args.workers, force=args.force,
+                       texture_bank=args.texture_bank)
     skipped = f", {len(info['bad'])} unreadable files stored as skipped" if info["bad"] else ""
     print(f"wrote {args.out}: {info['samples']} images, {len(info['classes'])} classes{skipped}")
 

@@ -311,7 +311,7 @@ def build_index(images: ImageList, sizes, mtimes, workers: int | None = None,
     bad = []
     bar = None
     if progress:
-        from tqdm import tqdm
+        from fastneg.progress import tqdm
         bar = tqdm(total=n, unit="file", desc=f"checking {images.root}")
     for a in range(0, n, CHUNK):
         b = min(n, a + CHUNK)

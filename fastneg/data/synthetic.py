@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from tqdm import tqdm
+from fastneg.progress import tqdm
 
 from fastneg.data.files import available_cpus
 from fastneg.data.staging import staged_dir

@@ -63,9 +63,8 @@ rrc_box_cpu = _compile(numba.njit(inline="always"), rng.uniform_cpu, rng.randint
 
 def rrc_box_cuda():
     """The box function as a numba.cuda device function (imports numba.cuda when called)."""
-    from numba import cuda
     _, uniform, randint = rng.cuda_functions()
-    return _compile(cuda.jit(device=True, inline=True), uniform, randint)
+    return _compile(rng.cuda_device_jit(), uniform, randint)
 
 
 @numba.njit(cache=False)

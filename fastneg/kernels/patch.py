@@ -198,7 +198,7 @@ def cuda_kernels():
     from numba import cuda
     _, _, randint = rng.cuda_functions()
     names = {"cuda": cuda}
-    names["_draw"] = cuda.jit(device=True, inline=True)(
+    names["_draw"] = rng.cuda_device_jit()(
         rng._rebind(_draw_tiles, {"_randint": randint}))
     return (cuda.jit(rng._rebind(_draw_kernel, names)),
             cuda.jit(rng._rebind(_gather_kernel, names)))
@@ -347,7 +347,9 @@ def _patch_cuda(src, dst, geometry, q, seed, step):
     n = src.shape[0]
     tiles = torch.empty((n, geometry.max_tiles, 2), dtype=torch.int32, device=src.device)
     sizes = torch.empty(n, dtype=torch.int32, device=src.device)
-    stream = cuda.external_stream(torch.cuda.current_stream(src.device).cuda_stream)
     with cuda.gpus[src.device.index]:
+        # inside the device's context: wrapping torch's stream outside it would bind the stream
+        # to whichever context is current (device 0's on every rank)
+        stream = cuda.external_stream(torch.cuda.current_stream(src.device).cuda_stream)
         launch_cuda(as_array(src.view(_UNIT_DTYPES[unit])), as_array(dst.view(_UNIT_DTYPES[unit])),
                     as_array(tiles), as_array(sizes), geometry, q, seed, step, stream)

@@ -27,6 +27,7 @@ STREAM_SHUFFLE = 5    # fastneg.loaders epoch order
 STREAM_TEXSYN = 6     # fastneg.texture synthesis
 STREAM_DATA = 7       # fastneg.data synthetic dataset
 STREAM_CORRUPT = 8    # fastneg.eval.corrupt corruptions
+STREAM_SHUFFLE_BN = 9  # fastneg.moco shuffle-BN permutation
 
 SLOT_BITS = 20        # up to ~1M draws per (stream, sample)
 COUNTER_LIMIT = 2 ** 63   # seed, step, sample and slot are integers in [0, COUNTER_LIMIT)
@@ -106,7 +107,16 @@ def _compile(jit):
 mix_cpu, uniform_cpu, randint_cpu = _compile(numba.njit(inline="always"))
 
 
+def cuda_device_jit():
+    """The decorator for fastneg's CUDA device functions: numba.cuda.jit(device=True), inlined
+    into their callers at the NVVM level (forceinline; numba-cuda deprecates inline=True).
+    Numba's CUDA simulator knows no forceinline and gets plain device functions."""
+    from numba import config, cuda
+    if config.ENABLE_CUDASIM:
+        return cuda.jit(device=True)
+    return cuda.jit(device=True, forceinline=True)
+
+
 def cuda_functions():
     """(mix, uniform, randint) as CUDA device functions. Imports numba.cuda only when called."""
-    from numba import cuda
-    return _compile(cuda.jit(device=True, inline=True))
+    return _compile(cuda_device_jit())

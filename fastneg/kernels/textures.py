@@ -177,7 +177,7 @@ def cuda_kernels():
     """(params_kernel, resample_kernel) compiled for numba.cuda, which is imported only here."""
     from numba import cuda
     _, uniform, _ = rng.cuda_functions()
-    draw, tap, _, blend = _compile_helpers(cuda.jit(device=True, inline=True), uniform,
+    draw, tap, _, blend = _compile_helpers(rng.cuda_device_jit(), uniform,
                                            crop.rrc_box_cuda())
     names = {"cuda": cuda, "_draw": draw, "_tap_dev": tap, "_blend_dev": blend}
     return (cuda.jit(rng._rebind(_params_kernel, names)),
@@ -283,7 +283,8 @@ def _textures_cuda(bank, ids, out, bounds, seed, step):
     from numba import cuda
     as_array = functools.partial(cuda.as_cuda_array, sync=False)   # sync=True would block the host
     params = torch.empty((ids.shape[0], PARAMS), dtype=torch.int32, device=bank.device)
-    stream = cuda.external_stream(torch.cuda.current_stream(bank.device).cuda_stream)
     with cuda.gpus[bank.device.index]:
+        # inside the device's context (see patch._patch_cuda)
+        stream = cuda.external_stream(torch.cuda.current_stream(bank.device).cuda_stream)
         launch_cuda(as_array(bank), as_array(ids), as_array(out), as_array(params), bounds, seed,
                     step, stream)

@@ -6,6 +6,7 @@
         loader.set_epoch(epoch)
         for batch in loader:
             q_view, k_view = batch.views        # uint8 [N, size, size, 3] on `device`
+            batch.textures                      # same, with texture_bank=BANK; else None
 
 Loaders only read, decode (once per sample) and crop; every pixel operation after that lives
 in fastneg.augment and fastneg.kernels, so all backends feed the same augmentation.
@@ -44,16 +45,24 @@ def available_kinds() -> tuple[str, ...]:
 def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int = 224,
                  scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, workers: int | None = None,
-                 drop_last: bool = True, shuffle: bool = True, skip_bad: bool = False):
+                 drop_last: bool = True, shuffle: bool = True, skip_bad: bool = False,
+                 texture_bank=None):
     """A Loader of `kind` over `data`: an ImageFolder root, or for "ffcv" a .beton written by
     `fastneg convert --to ffcv`.
 
     Each batch: `views` random resized crops (area fraction in `scale`, aspect ratio in `ratio`)
     of one decode per image, as uint8 [N, size, size, 3] on `device`, with labels and dataset
-    indices (also on `device`). scale=None (with views=1, and usually shuffle=False) gives the
+    indices (also on `device`). texture_bank: a texture bank folder stored as JPEG (`fastneg
+    build-bank`, the default format) made from `data`'s images: each batch then also carries the
+    samples' textures (Batch.textures), decoded with the images and given one random resized
+    crop + flip each, drawn per (seed, epoch, dataset index) exactly as
+    fastneg.kernels.sample_textures draws for (sample = dataset index, step = epoch); for "ffcv"
+    the textures are a field of the .beton (`fastneg convert --texture-bank BANK`) and this
+    argument only switches them on. scale=None (with views=1, and usually shuffle=False) gives the
     evaluation crop: shorter side resized to size / 0.875, centre size x size.
     rank / world_size shard the epoch; `seed` and set_epoch(e) fix order and crops. `workers`
-    (default: the cores this process may use) are DataLoader processes for "torch" (0: none)
+    (default: loaders.common.default_workers: this process's cores / LOCAL_WORLD_SIZE, at most
+    12) are DataLoader processes for "torch" (0: none)
     and CPU threads for DALI and FFCV. Files no decoder can read stop the build with a
     ValueError naming them, or with skip_bad=True are left out and counted in `loader.skipped`
     (and logged at the end of each epoch); see loaders.common.LoaderBase for files that fail
@@ -66,7 +75,8 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
     cfg = LoaderConfig(batch_size=batch_size, views=views, size=size,
                        scale=None if scale is None else tuple(scale), ratio=tuple(ratio),
                        device=device, rank=rank, world_size=world_size, seed=seed,
-                       workers=workers, drop_last=drop_last, shuffle=shuffle, skip_bad=skip_bad)
+                       workers=workers, drop_last=drop_last, shuffle=shuffle, skip_bad=skip_bad,
+                       texture_bank=None if texture_bank is None else str(texture_bank))
     module_name, package, extra = _BACKENDS[kind]
     try:
         importlib.import_module(package)

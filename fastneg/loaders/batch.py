@@ -12,3 +12,6 @@ class Batch(NamedTuple):
     views: tuple[torch.Tensor, ...]   # each uint8 [N, size, size, 3] on the loader's device
     labels: torch.Tensor              # int64 [N]
     indices: torch.Tensor             # int64 [N]: dataset index (pairs a sample with its texture)
+    # uint8 [N, size, size, 3] on the loader's device: each sample's texture from the loader's
+    # texture_bank, randomly cropped and flipped (loaders.common.texture_params); None without one
+    textures: torch.Tensor | None = None

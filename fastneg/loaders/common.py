@@ -8,12 +8,15 @@
 - `replace_failed`: with skip_bad, a sample whose file failed to decode is replaced by another of
   the same shard, deterministically, so every rank's batches keep their size.
 - `crop_boxes` / `center_box`: the crop windows, from fastneg.kernels.crop.
+- `texture_params` / `open_texture_bank`: the textures (a third view) of a loader with a bank.
+- `default_workers`: CPU threads / processes per rank when build_loader is not told.
 - `LoaderBase`: set_epoch, len, the skip count and its report at the end of each epoch.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import numba
@@ -23,7 +26,12 @@ import torch
 from fastneg.data.files import (FileCheck, UnreadableFiles, available_cpus,  # noqa: F401
                                 check_files, inspect_file, require_readable)
 from fastneg.data.index import load_index
-from fastneg.kernels import crop, rng
+from fastneg.kernels import crop, rng, textures
+
+# The texture crop: sample_textures' defaults, which the trainer uses.
+TEXTURE_SCALE = (0.2, 1.0)
+TEXTURE_RATIO = (3 / 4, 4 / 3)
+MAX_DEFAULT_WORKERS = 12   # decode threads per rank beyond this rarely pay (see default_workers)
 
 log = logging.getLogger("fastneg.loaders")
 
@@ -46,6 +54,7 @@ class LoaderConfig:
     drop_last: bool = True
     shuffle: bool = True
     skip_bad: bool = False
+    texture_bank: str | None = None   # a jpeg texture bank folder: Batch.textures (see Batch)
 
     def __post_init__(self):
         for name in ("batch_size", "views", "size", "world_size"):
@@ -77,8 +86,21 @@ class LoaderConfig:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         object.__setattr__(self, "device", device)
-        object.__setattr__(self, "workers", available_cpus() if self.workers is None
+        object.__setattr__(self, "workers", default_workers() if self.workers is None
                            else self.workers)
+
+
+def default_workers() -> int:
+    """Threads (DALI, FFCV) or processes (torch) per rank: this process's usable cores shared
+    by the ranks of the node (LOCAL_WORLD_SIZE, set by torchrun), at most MAX_DEFAULT_WORKERS.
+
+    Without the split, 8 ranks on a 192-core node would each start 192 threads.
+    """
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(MAX_DEFAULT_WORKERS, available_cpus() // local))
 
 
 # ----------------------------------------------------------------- pre-flight file check
@@ -186,6 +208,46 @@ def crop_boxes(cfg: LoaderConfig, epoch: int, indices, heights, widths, view: in
                         np.int64).reshape(-1, 4)
     return crop.rrc_boxes(cfg.seed, epoch, indices, heights, widths, scale=cfg.scale,
                           ratio=cfg.ratio, slot0=view_slot(view))
+
+
+# ----------------------------------------------------------------- textures (a third view)
+
+@numba.njit(cache=False)
+def _texture_params(seed, epoch, indices, h, w, scale_lo, scale_hi, logr_lo, logr_hi, out):
+    for k in range(indices.shape[0]):
+        textures._draw_params_cpu(seed, epoch, indices[k], h, w, scale_lo, scale_hi, logr_lo,
+                                  logr_hi, out[k])
+
+
+def texture_params(seed: int, epoch: int, indices, size: int) -> np.ndarray:
+    """int32 [N, 5] (top, left, height, width, flip) of the texture crops of dataset `indices`
+    in `epoch`, for textures of size x size.
+
+    Keyed by (seed, epoch, dataset index), like the views' boxes, with the texture stream and
+    the draw function of fastneg.kernels.sample_textures: row k equals what sample_textures (and
+    kernels.textures.draw_texture_params) draws for sample = indices[k] at step = epoch. Scale
+    and ratio: TEXTURE_SCALE, TEXTURE_RATIO.
+    """
+    indices = np.ascontiguousarray(indices, np.int64)
+    out = np.empty((len(indices), textures.PARAMS), np.int32)
+    _texture_params(seed, epoch, indices, size, size, TEXTURE_SCALE[0], TEXTURE_SCALE[1],
+                    math.log(TEXTURE_RATIO[0]), math.log(TEXTURE_RATIO[1]), out)
+    return out
+
+
+def open_texture_bank(path, images):
+    """A BankReader over the jpeg texture bank `path` made from `images` (an ImageList), for a
+    loader: ValueError for a raw bank (loaded whole by TextureBank.load instead) or another
+    dataset's bank."""
+    from fastneg.texture.bank import BankReader
+
+    reader = BankReader(path, expect=images)
+    if reader.storage != "jpeg":
+        raise ValueError(f"texture bank {path} is stored raw: the loaders read JPEG banks "
+                         "(rebuild it with fastneg build-bank --format jpeg), or load it whole "
+                         "with TextureBank.load")
+    texture_params(0, 0, np.zeros(1, np.int64), reader.size)   # compile now (before workers fork)
+    return reader
 
 
 # ----------------------------------------------------------------- loader plumbing

@@ -9,6 +9,15 @@ Loader, upstream #396); labels and indices come from the beton's fields.
 
 The epoch's order and shard come from loaders.common and are handed to FFCV's epoch iterator
 directly; FFCV's own traversal orders (and their RANDOM/distributed sampler) are not used.
+
+Textures (a beton converted with `--texture-bank`, loader built with texture_bank=...): a second
+compiled stage, TextureCrops, decodes each sample's stored texture JPEG, crops it with
+loaders.common.texture_params' box (drawn in the stage by the same function, keyed by
+(seed, epoch, dataset index)), resizes it with INTER_AREA and flips it.
+
+On a GPU, each batch is copied out of FFCV's pinned output slot on a copy stream, and an event
+recorded after the copies is waited on (host side) before the next batch is taken from FFCV:
+FFCV's thread refills that slot a few batches later, and taking the next batch is what lets it.
 """
 from __future__ import annotations
 
@@ -37,8 +46,10 @@ from numba.extending import intrinsic
 
 from fastneg.data import convert
 from fastneg.kernels.crop import rrc_box_cpu
+from fastneg.kernels.textures import PARAMS, _draw_params_cpu
 from fastneg.loaders.batch import Batch
-from fastneg.loaders.common import LoaderBase, LoaderConfig, center_box_cpu, view_slot
+from fastneg.loaders.common import (TEXTURE_RATIO, TEXTURE_SCALE, LoaderBase, LoaderConfig,
+                                    center_box_cpu, view_slot)
 
 
 @intrinsic
@@ -109,6 +120,57 @@ class DecodeOnceCrops(Operation):
         return decode
 
 
+class TextureCrops(Operation):
+    """FFCV decoder of the texture field: decode, crop (texture_params' box), resize, flip.
+
+    Reads the epoch like DecodeOnceCrops. Output uint8 [N, size, size, 3].
+    """
+
+    def __init__(self, cfg: LoaderConfig, epoch_cell: np.ndarray, bank_size: int):
+        super().__init__()
+        self.cfg, self.epoch_cell, self.bank_size = cfg, epoch_cell, bank_size
+
+    def declare_state_and_memory(self, previous_state):
+        shape = (self.cfg.size, self.cfg.size, 3)
+        u8 = np.dtype("u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+                (AllocationQuery(shape, u8), AllocationQuery((self.bank_size ** 2 * 3,), u8)))
+
+    def generate_code(self):
+        mem_read, sample_range = self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        seed, size, side = self.cfg.seed, self.cfg.size, self.bank_size
+        scale_lo, scale_hi = TEXTURE_SCALE
+        logr_lo, logr_hi = math.log(TEXTURE_RATIO[0]), math.log(TEXTURE_RATIO[1])
+        epoch_address = self.epoch_cell.ctypes.data
+
+        def decode(batch_indices, buffers, metadata, storage_state):
+            destination, scratch = buffers
+            n = len(batch_indices)
+            epoch = _load_int64(epoch_address)
+            for k in sample_range(n):
+                sample = np.int64(batch_indices[k])
+                pixels = scratch[k][:side * side * 3].reshape((side, side, 3))
+                imdecode_c(mem_read(metadata[sample]["ptr"], storage_state), pixels,
+                           side, side, side, side, 0, 0, 1, 1, False, False)
+                p = np.empty(PARAMS, np.int32)
+                _draw_params_cpu(seed, epoch, sample, side, side, scale_lo, scale_hi, logr_lo,
+                                 logr_hi, p)
+                out = destination[k]
+                resize_crop_c(pixels, p[0], p[0] + p[2], p[1], p[1] + p[3], out)
+                if p[4] == 1:
+                    for y in range(size):
+                        for x in range(size // 2):
+                            for c in range(3):
+                                t = out[y, x, c]
+                                out[y, x, c] = out[y, size - 1 - x, c]
+                                out[y, size - 1 - x, c] = t
+            return destination[:n]
+
+        decode.is_parallel = True
+        return decode
+
+
 class _ReportingEpochIterator(EpochIterator):
     """FFCV's epoch iterator, except that an error in its thread reaches the consumer.
 
@@ -149,9 +211,10 @@ def read_beton_info(path: Path) -> dict:
         reader = Reader(str(path))
     except Exception as e:   # noqa: BLE001 - FFCV fails in many ways on a foreign file
         raise ValueError(f"{path} is not a readable .beton ({e!r})") from e
-    if tuple(reader.field_names) != convert.FIELDS:
+    if tuple(reader.field_names) not in (convert.FIELDS, convert.FIELDS + (convert.TEXTURE_FIELD,)):
         raise ValueError(f"{path} has fields {reader.field_names}, fastneg's layout is "
-                         f"{list(convert.FIELDS)}: convert it with `fastneg convert --to ffcv`")
+                         f"{list(convert.FIELDS)} (+ {convert.TEXTURE_FIELD!r}): convert it with "
+                         "`fastneg convert --to ffcv`")
     sidecar = convert.sidecar_path(path)
     try:
         info = json.loads(sidecar.read_text())
@@ -193,25 +256,63 @@ class Loader(LoaderBase):
         good = np.flatnonzero(info["labels"] != convert.BAD_LABEL).astype(np.int64)
         super().__init__(cfg, good, bad, tuple(info["classes"]))
         self._epoch_cell = np.zeros(1, np.int64)
+        stored = info.get("texture_bank")
+        self._textures = cfg.texture_bank is not None
+        if self._textures and stored is None:
+            raise ValueError(f"{path} holds no textures: convert it with `fastneg convert --to "
+                             f"ffcv --texture-bank {cfg.texture_bank}` to use texture_bank")
+        pipelines = {"image": PipelineSpec("image", decoder=DecodeOnceCrops(cfg,
+                                                                            self._epoch_cell)),
+                     "label": [IntDecoder()], "index": [IntDecoder()]}
+        if stored is not None:
+            pipelines[convert.TEXTURE_FIELD] = PipelineSpec(
+                convert.TEXTURE_FIELD, decoder=TextureCrops(cfg, self._epoch_cell,
+                                                            stored["size"])) \
+                if self._textures else None
         self._ffcv = FfcvLoader(
             str(path), batch_size=cfg.batch_size, num_workers=max(1, cfg.workers),
-            order=OrderOption.SEQUENTIAL, drop_last=False,
-            pipelines={"image": PipelineSpec("image", decoder=DecodeOnceCrops(cfg,
-                                                                              self._epoch_cell)),
-                       "label": [IntDecoder()], "index": [IntDecoder()]})
+            order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines)
+        self._copy_stream = torch.cuda.Stream(cfg.device) if cfg.device.type == "cuda" else None
 
     def _batches(self, epoch, samples):
         self._epoch_cell[0] = epoch
-        dev = self.cfg.device
-        # FFCV reuses an output slot a few batches later: on the CPU a copy keeps a Batch valid
-        # as long as the caller holds it (the GPU copy does that on a GPU).
-        move = (lambda t: t.to(dev, non_blocking=True)) if dev.type == "cuda" else torch.clone
         iterator = _ReportingEpochIterator(self._ffcv, samples.astype(np.uint64))
+        copied = None     # the CUDA event after the last batch's copies
         try:
-            for views, labels, indices in iterator:
-                views = torch.from_numpy(views)
-                yield Batch(tuple(move(views[v]) for v in range(views.shape[0])),
-                            move(torch.from_numpy(labels[:, 0])),
-                            move(torch.from_numpy(indices[:, 0])))
+            while True:
+                if copied is not None:
+                    # Taking the next batch lets FFCV's thread refill the slot just copied
+                    # from: the copies must be done first (module docstring).
+                    copied.synchronize()
+                try:
+                    out = next(iterator)
+                except StopIteration:
+                    return
+                batch, copied = self._move(out)
+                yield batch
         finally:
             iterator.close()
+
+    def _move(self, out) -> tuple[Batch, torch.cuda.Event | None]:
+        """The batch out of FFCV's reused buffers: cloned on the CPU; on a GPU copied on the
+        copy stream, which the consumer's stream waits for (returned: the copies' event)."""
+        views, labels, indices = (torch.from_numpy(a) for a in out[:3])
+        parts = [views[v] for v in range(views.shape[0])] + [labels[:, 0], indices[:, 0]]
+        if self._textures:
+            parts.append(torch.from_numpy(out[3]))
+        event = None
+        if self._copy_stream is None:
+            parts = [t.clone() for t in parts]
+        else:
+            dev = self.cfg.device
+            consumer = torch.cuda.current_stream(dev)
+            with torch.cuda.stream(self._copy_stream):
+                parts = [t.to(dev, non_blocking=True) for t in parts]
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            consumer.wait_event(event)
+            for t in parts:
+                t.record_stream(consumer)
+        n = self.cfg.views
+        return Batch(tuple(parts[:n]), parts[n], parts[n + 1],
+                     parts[n + 2] if self._textures else None), event

@@ -3,16 +3,27 @@
 Reads an ImageFolder (JPEG and PNG by content). Each DataLoader worker handles a whole batch:
 - device "cpu": read, decode (torchvision.io.decode_image, libjpeg-turbo / libpng) and crop in the
   worker; the batch arrives ready.
-- device "cuda": the worker only reads file bytes; the main process decodes the batch's JPEGs at
-  once with nvJPEG (torchvision.io.decode_jpeg(list, device="cuda")) and crops on the GPU. CMYK
-  JPEGs and PNGs, which nvJPEG does not take, are decoded in the worker and copied over.
-Crop: the box from fastneg's RNG (same as DALI and FFCV), then
-torchvision.transforms.v2.functional.resized_crop: bilinear with antialiasing, on uint8.
+- device "cuda": the worker only reads file bytes. A background thread of the main process takes
+  the workers' batches, decodes each batch's JPEGs (the images and, with a texture bank, their
+  textures) in one nvJPEG call (torchvision.io.decode_jpeg(list, device="cuda")) on a side CUDA
+  stream, and crops all views of the batch at once (resized_crops: two batched matrix products);
+  it keeps PREFETCH batches ready, and the training stream waits on each batch's CUDA event
+  instead of the host syncing. CMYK JPEGs and PNGs, which nvJPEG does not take, are decoded in
+  the worker and copied over; a JPEG that nvJPEG rejects is decoded again on the CPU
+  (libjpeg-turbo) before it counts as unreadable.
+Crop: the box from fastneg's RNG (same as DALI and FFCV), resized with a bilinear filter with
+antialiasing on uint8 (torchvision's resized_crop in the CPU workers; the same filter as matrices
+on the GPU, equal within rounding). Textures (texture_bank=): one random resized crop + flip per
+texture from loaders.common.texture_params, resized the same way.
 
 The epoch travels with each batch request (the sampler yields (epoch, indices)), so persistent
 workers never need to be told about set_epoch.
 """
 from __future__ import annotations
+
+import math
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -21,7 +32,10 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import resized_crop
 
 from fastneg.loaders.batch import Batch
-from fastneg.loaders.common import LoaderBase, LoaderConfig, checked_image_folder, crop_boxes
+from fastneg.loaders.common import (LoaderBase, LoaderConfig, checked_image_folder, crop_boxes,
+                                    open_texture_bank, texture_params)
+
+PREFETCH = 2   # batches decoded ahead on the GPU path
 
 
 def _read(path: str) -> torch.Tensor:
@@ -29,9 +43,9 @@ def _read(path: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
 
-def _decode_cpu(path: str) -> torch.Tensor:
+def _decode_cpu(encoded: torch.Tensor) -> torch.Tensor:
     """uint8 [3, H, W] RGB (grayscale, CMYK and palette images converted as PIL does)."""
-    return decode_image(_read(path), mode=ImageReadMode.RGB)
+    return decode_image(encoded, mode=ImageReadMode.RGB)
 
 
 def _decode_jpeg_gpu(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -39,13 +53,181 @@ def _decode_jpeg_gpu(encoded: list[torch.Tensor], device: torch.device) -> list[
     return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
-def _crop_into(views: torch.Tensor, images, boxes: list[np.ndarray], size: int) -> None:
-    """views[v, k] = image k cropped to boxes[v][k] and resized to size x size, as HWC."""
+def _crop_into(views: torch.Tensor, images, boxes: list[np.ndarray], size: int,
+               flips=None) -> None:
+    """views[v, k] = image k cropped to boxes[v][k] and resized to size x size, as HWC;
+    flipped left-right where flips[k] (one view only)."""
     for v, view_boxes in enumerate(boxes):
         for k, (img, (top, left, h, w)) in enumerate(zip(images, view_boxes.tolist())):
-            views[v, k] = resized_crop(img, top, left, h, w, [size, size],
-                                       antialias=True).permute(1, 2, 0)
+            out = resized_crop(img, top, left, h, w, [size, size], antialias=True)
+            if flips is not None and flips[k]:
+                out = out.flip(-1)
+            views[v, k] = out.permute(1, 2, 0)
 
+
+# ----------------------------------------------------------------- batched crops
+
+def _filter_taps(start, length, size):
+    """Separable antialiased bilinear weights of one axis, for N crops at once.
+
+    start, length: int64 [N] (the crop's first source pixel and extent). Returns (idx, w):
+    int64 / float32 [N, size, K]: output pixel o of crop k is sum_t w[k, o, t] * src[idx[k, o, t]].
+    The filter is the triangle of torch's antialiased bilinear resize (PIL's rule): support
+    max(1, L / size) source pixels either side of the centre, weights normalized to sum 1.
+    """
+    scale = length / size                                     # float64 [N]
+    support = np.maximum(scale, 1.0)
+    inv = 1.0 / support
+    taps = int(math.ceil(support.max())) * 2 + 1
+    centre = scale[:, None] * (np.arange(size) + 0.5)[None, :]            # [N, size]
+    lo = np.maximum((centre - support[:, None] + 0.5).astype(np.int64), 0)
+    hi = np.minimum((centre + support[:, None] + 0.5).astype(np.int64), length[:, None])
+    j = np.arange(taps)
+    src = lo[..., None] + j                                    # [N, size, K] within the crop
+    w = np.maximum(0.0, 1.0 - np.abs((src - centre[..., None] + 0.5) * inv[:, None, None]))
+    w = np.where(src < hi[..., None], w, 0.0)
+    w /= w.sum(-1, keepdims=True)
+    idx = np.minimum(src, length[:, None, None] - 1) + start[:, None, None]
+    return idx, w.astype(np.float32)
+
+
+def _dense(idx, w, extent, device):
+    """[N, size, extent] float32 matrices from taps (one scatter on `device`)."""
+    m = torch.zeros(idx.shape[:2] + (extent,), dtype=torch.float32, device=device)
+    return m.scatter_add_(2, torch.from_numpy(idx).to(device), torch.from_numpy(w).to(device))
+
+
+CROP_BUDGET = 512 << 20   # bytes of float pixels per padded group in resized_crops
+
+
+def resized_crops(images: list[torch.Tensor], boxes: list[np.ndarray], size: int,
+                  flips: np.ndarray | None = None) -> torch.Tensor:
+    """uint8 [V, N, size, size, 3]: every view of every image, cropped and resized in one go.
+
+    images: N uint8 [3, H_k, W_k] on one device; boxes: V int64 [N, 4] (top, left, height,
+    width); flips (optional, bool [N]): mirror the output left-right. The resize is the
+    antialiased bilinear filter of torchvision's resized_crop (to within one level of rounding)
+    written as two batched matrix products over the zero-padded images: view = Y_k @ image_k @
+    X_k^T, so a batch costs a fixed handful of kernels, not 2N resizes. Images are padded in
+    groups of similar size (each group's float pixels within CROP_BUDGET), so one large photo
+    does not pad the whole batch to its size. On a GPU the products run in float32, or TF32 when
+    torch.backends.cuda.matmul.allow_tf32 is set (within a level).
+    """
+    device = images[0].device
+    n, views = len(images), len(boxes)
+    out = torch.empty((views, n, size, size, 3), dtype=torch.uint8, device=device)
+    flips = np.zeros(n, bool) if flips is None else np.asarray(flips, bool)
+    areas = np.array([int(img.shape[1]) * int(img.shape[2]) for img in images])
+    group: list[int] = []
+    h_max = w_max = 0
+    for k in np.argsort(areas, kind="stable").tolist():
+        h, w = int(images[k].shape[1]), int(images[k].shape[2])
+        h2, w2 = max(h_max, h), max(w_max, w)
+        if group and (len(group) + 1) * 12 * h2 * w2 > CROP_BUDGET:
+            _crops_of_group(images, boxes, size, flips, group, h_max, w_max, out)
+            group, h2, w2 = [], h, w
+        group.append(k)
+        h_max, w_max = h2, w2
+    _crops_of_group(images, boxes, size, flips, group, h_max, w_max, out)
+    return out
+
+
+def _crops_of_group(images, boxes, size, flips, group, h_max, w_max, out) -> None:
+    """out[:, group] = the crops of images[group], padded to h_max x w_max (resized_crops)."""
+    device = out.device
+    n, views = len(group), len(boxes)
+    padded = torch.zeros((n, 3, h_max, w_max), dtype=torch.uint8, device=device)
+    for j, k in enumerate(group):
+        padded[j, :, :images[k].shape[1], :images[k].shape[2]] = images[k]
+    all_boxes = np.concatenate([b[group] for b in boxes]).astype(np.int64)   # view-major
+    yi, yw = _filter_taps(all_boxes[:, 0], all_boxes[:, 2], size)
+    xi, xw = _filter_taps(all_boxes[:, 1], all_boxes[:, 3], size)
+    flip = np.tile(flips[group], views)
+    xi[flip], xw[flip] = xi[flip, ::-1], xw[flip, ::-1]
+    rows = _dense(yi, yw, h_max, device).view(views, n, 1, size, h_max)
+    cols = _dense(xi, xw, w_max, device).view(views, n, 1, size, w_max)
+    pixels = padded.float().unsqueeze(0)                      # [1, n, 3, H, W]
+    crops = torch.matmul(torch.matmul(rows, pixels), cols.transpose(-1, -2))  # [V, n, 3, s, s]
+    crops = crops.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
+    index = torch.as_tensor(group, device=device)
+    for v in range(views):
+        out[v].index_copy_(0, index, crops[v])
+
+
+# ----------------------------------------------------------------- background prefetch
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+
+
+def prefetched(items, prepare, device: torch.device, depth: int = PREFETCH):
+    """Yield prepare(item) for each item, computed `depth` items ahead on a background thread.
+
+    On CUDA the thread works on its own stream and records an event after each item; the
+    consumer's current stream waits on that event (no host sync) and every tensor of the result
+    is marked as used by the consumer's stream, so the allocator does not hand its memory back
+    to the side stream early. An exception in the thread is raised here; closing the generator
+    early stops the thread.
+    """
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                if cuda:
+                    with torch.cuda.stream(side):
+                        result = prepare(item)
+                        event = torch.cuda.Event()
+                        event.record(side)
+                else:
+                    result, event = prepare(item), None
+                if not put((result, event, None)):
+                    return
+            put((None, None, done))
+        except BaseException as e:   # noqa: BLE001 - handed to the consumer, raised there
+            put((None, None, e))
+
+    thread = threading.Thread(target=work, name="fastneg-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            result, event, end = ready.get()
+            if end is done:
+                return
+            if end is not None:
+                raise end
+            if event is not None:
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(event)
+                for t in _tensors(result):
+                    if t.is_cuda:
+                        t.record_stream(consumer)
+            yield result
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ----------------------------------------------------------------- the Dataset and Loader
 
 class _EpochPlan(Sampler):
     """Yields this rank's batches of the current epoch as (epoch, dataset indices)."""
@@ -67,10 +249,10 @@ class _BatchReader(Dataset):
     """What a worker does with one (epoch, indices) request."""
 
     def __init__(self, paths, labels, heights, widths, jpeg_rgb, cfg: LoaderConfig,
-                 decode_on_gpu: bool):
+                 decode_on_device: bool, bank=None):
         self.paths, self.labels = paths, labels
         self.heights, self.widths, self.jpeg_rgb = heights, widths, jpeg_rgb
-        self.cfg, self.decode_on_gpu = cfg, decode_on_gpu
+        self.cfg, self.decode_on_device, self.bank = cfg, decode_on_device, bank
 
     def __len__(self):
         return len(self.paths)
@@ -79,8 +261,14 @@ class _BatchReader(Dataset):
         return [crop_boxes(self.cfg, epoch, idx, self.heights[idx], self.widths[idx], v)
                 for v in range(self.cfg.views)]
 
+    def texture_boxes(self, epoch: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes int64 [N, 4], flips bool [N]) of the samples' texture crops."""
+        params = texture_params(self.cfg.seed, epoch, idx, self.bank.size)
+        return params[:, :4].astype(np.int64), params[:, 4] == 1
+
     def __getitem__(self, request):
-        """(views or per-image items, labels, indices, decode failures) of one batch.
+        """(views or per-image items, labels, indices, decode failures, textures or their
+        bytes or None) of one batch.
 
         Decode failures are returned, not raised, so the main process applies skip_bad.
         """
@@ -88,21 +276,32 @@ class _BatchReader(Dataset):
         items, failures, kept = [], [], []
         for k, i in enumerate(idx.tolist()):
             try:
-                if self.decode_on_gpu and self.jpeg_rgb[i]:
-                    items.append(_read(self.paths[i]))      # raw bytes for nvJPEG
+                encoded = _read(self.paths[i])
+                if self.decode_on_device and self.jpeg_rgb[i]:
+                    items.append(encoded)                   # raw bytes for nvJPEG
                 else:
-                    items.append(_decode_cpu(self.paths[i]))
+                    items.append(_decode_cpu(encoded))
                 kept.append(k)
             except RuntimeError as e:     # torchvision's decode errors
                 failures.append((self.paths[i], f"cannot be decoded ({e})"))
         idx = idx[kept]
         labels, indices = torch.from_numpy(self.labels[idx]), torch.from_numpy(idx)
-        if self.decode_on_gpu:
-            return items, labels, indices, failures
+        textures = None
+        if self.bank is not None:
+            textures = [torch.from_numpy(self.bank.encoded(r).copy())
+                        for r in self.bank.rows_for(idx).tolist()]
+        if self.decode_on_device:
+            return items, labels, indices, failures, textures
         views = torch.empty((self.cfg.views, len(idx), self.cfg.size, self.cfg.size, 3),
                             dtype=torch.uint8)
         _crop_into(views, items, self.boxes(epoch, idx), self.cfg.size)
-        return views, labels, indices, failures
+        if textures is not None:
+            boxes, flips = self.texture_boxes(epoch, idx)
+            out = torch.empty((1, len(idx), self.cfg.size, self.cfg.size, 3), dtype=torch.uint8)
+            _crop_into(out, [decode_jpeg(t, mode=ImageReadMode.RGB) for t in textures], [boxes],
+                       self.cfg.size, flips)
+            textures = out[0]
+        return views, labels, indices, failures, textures
 
 
 def _as_is(item):
@@ -110,42 +309,47 @@ def _as_is(item):
 
 
 class Loader(LoaderBase):
+    """device_decode (default: on a CUDA device) selects the decode-on-device path; True on the
+    CPU runs that path with CPU tensors (for tests: the same code without a GPU)."""
     kind = "torch"
 
-    def __init__(self, data, cfg: LoaderConfig):
+    def __init__(self, data, cfg: LoaderConfig, device_decode: bool | None = None):
         check = checked_image_folder(data, cfg)
         images = check.images
         super().__init__(cfg, check.good, check.bad_files, images.classes)
-        self._decode_on_gpu = cfg.device.type == "cuda"
+        self._device_decode = cfg.device.type == "cuda" if device_decode is None else device_decode
+        bank = None if cfg.texture_bank is None else open_texture_bank(cfg.texture_bank, images)
         self._reader = _BatchReader([str(images.path(i)) for i in range(len(images))],
                                     images.labels, check.heights, check.widths, check.jpeg_rgb,
-                                    cfg, self._decode_on_gpu)
+                                    cfg, self._device_decode, bank)
         # Compile the box kernel here, once, so forked workers inherit it instead of compiling.
         self._reader.boxes(0, check.good[:1])
         self._plan = _EpochPlan(cfg.batch_size)
         self._loader = DataLoader(
             self._reader, sampler=self._plan, batch_size=None, collate_fn=_as_is,
             num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-            pin_memory=self._decode_on_gpu)   # pinned bytes/pixels: asynchronous copies to the GPU
+            pin_memory=cfg.device.type == "cuda")   # pinned: asynchronous copies to the GPU
 
     def _batches(self, epoch, samples):
         self._plan.epoch, self._plan.samples = epoch, samples
         bs = self.cfg.batch_size
-        for b, (item, labels, indices, failures) in enumerate(self._loader):
-            if self._decode_on_gpu:
-                item, labels, indices, more = self._decode_on_device(item, labels, indices)
-                failures += more
+        if not self._device_decode:
+            for b, (views, labels, indices, failures, textures) in enumerate(self._loader):
+                if failures:
+                    lost = set(samples[b * bs:(b + 1) * bs].tolist()) - set(indices.tolist())
+                    self.skip_or_raise(failures, lost)
+                    views, labels, indices, textures = self._refill(epoch, b, views, labels,
+                                                                    indices, textures)
+                yield Batch(tuple(views.unbind(0)), labels, indices, textures)
+            return
+        # Device decode: a failure still shortens its batch (replacement: CPU decode only).
+        prepare = lambda item: self._decode_and_crop(epoch, *item)   # noqa: E731
+        for batch, failures in prefetched(self._loader, prepare, self.cfg.device):
             if failures:
-                lost = set(samples[b * bs:(b + 1) * bs].tolist()) - set(indices.tolist())
-                self.skip_or_raise(failures, lost)
-                if not self._decode_on_gpu:   # nvJPEG failures: the batch stays short for now
-                    item, labels, indices = self._refill(epoch, b, item, labels, indices)
-            if self._decode_on_gpu:
-                yield self._crop_on_device(epoch, item, labels, indices)
-            else:
-                yield Batch(tuple(item.unbind(0)), labels, indices)
+                self.skip_or_raise(failures)
+            yield batch
 
-    def _refill(self, epoch, b, views, labels, indices):
+    def _refill(self, epoch, b, views, labels, indices, textures):
         """Batch `b` with its failed files replaced (LoaderBase.refill), decoded here, in the
         planned order: a decode failure does not shorten the batch."""
         while True:
@@ -154,44 +358,79 @@ class Loader(LoaderBase):
             missing = np.array([i for i in planned.tolist() if i not in have], np.int64)
             if not len(missing):
                 break
-            more_views, more_labels, more_indices, failures = self._reader[(epoch, missing)]
+            more_views, more_labels, more_indices, failures, more_textures = \
+                self._reader[(epoch, missing)]
             self.skip_or_raise(failures, set(missing.tolist()) - set(more_indices.tolist()))
             views = torch.cat([views, more_views], 1)
             labels, indices = torch.cat([labels, more_labels]), torch.cat([indices, more_indices])
+            if textures is not None:
+                textures = torch.cat([textures, more_textures])
         position = {i: k for k, i in enumerate(planned.tolist())}
         keep = torch.tensor(sorted(range(len(indices)), key=lambda k: position.get(
             int(indices[k]), len(position)))[:len(planned)])
-        return views[:, keep].contiguous(), labels[keep], indices[keep]
+        textures = None if textures is None else textures[keep]
+        return views[:, keep].contiguous(), labels[keep], indices[keep], textures
 
-    def _decode_on_device(self, items, labels, indices):
-        """Decode the batch's JPEG bytes with nvJPEG; move the images decoded by the worker."""
+    def _decode_and_crop(self, epoch, items, labels, indices, failures, textures):
+        """The device path, on the prefetch thread: (Batch, decode failures)."""
+        images, textures, labels, indices, more = self._decode_on_device(items, labels, indices,
+                                                                         textures)
+        return self._crop_on_device(epoch, images, textures, labels, indices), failures + more
+
+    def _decode_on_device(self, items, labels, indices, textures):
+        """Decode the batch's JPEG bytes (images, then textures) in one nvJPEG call; move the
+        images decoded by the worker. A JPEG nvJPEG rejects is decoded on the CPU instead."""
         dev = self.cfg.device
+        n = len(items)
         encoded = [k for k, item in enumerate(items) if item.dim() == 1]
+        textures = textures or []
+        batch = [items[k] for k in encoded] + textures
         images = [item.to(dev, non_blocking=True) if item.dim() == 3 else None for item in items]
-        failures = []
         try:
-            decoded = _decode_jpeg_gpu([items[k] for k in encoded], dev) if encoded else []
+            decoded = _decode_jpeg_gpu(batch, dev) if batch else []
         except RuntimeError:
             # One bad file fails the batched call: decode one by one to find it.
-            decoded = []
-            for k in encoded:
-                try:
-                    decoded += _decode_jpeg_gpu([items[k]], dev)
-                except RuntimeError as e:
-                    decoded.append(None)
-                    failures.append((self._reader.paths[int(indices[k])],
-                                     f"cannot be decoded ({e})"))
+            decoded = [self._decode_one(t, dev) for t in batch]
         for k, img in zip(encoded, decoded):
             images[k] = img
-        kept = [k for k, img in enumerate(images) if img is not None]
-        if len(kept) < len(images):
+        texture_images = decoded[len(encoded):]
+        failures = [(self._reader.paths[int(indices[k])], "cannot be decoded (nvJPEG and "
+                     "libjpeg both fail)") for k in range(n) if images[k] is None]
+        if texture_images and any(t is None for t in texture_images):
+            bad = [int(indices[k]) for k, t in enumerate(texture_images) if t is None]
+            raise RuntimeError(f"texture bank {self.cfg.texture_bank}: the textures of dataset "
+                               f"indices {bad[:5]} cannot be decoded: rebuild the bank with "
+                               "--force")
+        kept = [k for k in range(n) if images[k] is not None]
+        if len(kept) < n:
             images, labels, indices = [images[k] for k in kept], labels[kept], indices[kept]
-        return images, labels, indices, failures
+            texture_images = [texture_images[k] for k in kept] if texture_images else []
+        return images, texture_images, labels, indices, failures
 
-    def _crop_on_device(self, epoch, images, labels, indices) -> Batch:
+    @staticmethod
+    def _decode_one(encoded: torch.Tensor, dev):
+        try:
+            return _decode_jpeg_gpu([encoded], dev)[0]
+        except RuntimeError:
+            pass
+        try:                    # libjpeg reads some JPEGs nvJPEG rejects
+            return _decode_cpu(encoded).to(dev, non_blocking=True)
+        except RuntimeError:
+            return None
+
+    def _crop_on_device(self, epoch, images, textures, labels, indices) -> Batch:
         dev, cfg = self.cfg.device, self.cfg
-        views = torch.empty((cfg.views, len(images), cfg.size, cfg.size, 3), dtype=torch.uint8,
-                            device=dev)
-        _crop_into(views, images, self._reader.boxes(epoch, indices.numpy()), cfg.size)
+        idx = indices.numpy()
+        if images:
+            views = resized_crops(images, self._reader.boxes(epoch, idx), cfg.size)
+        else:
+            views = torch.empty((cfg.views, 0, cfg.size, cfg.size, 3), dtype=torch.uint8,
+                                device=dev)
+        tex = None
+        if textures:
+            boxes, flips = self._reader.texture_boxes(epoch, idx)
+            tex = resized_crops(textures, [boxes], cfg.size, flips)[0]
+        elif cfg.texture_bank is not None:
+            tex = torch.empty((0, cfg.size, cfg.size, 3), dtype=torch.uint8, device=dev)
         return Batch(tuple(views.unbind(0)), labels.to(dev, non_blocking=True),
-                     indices.to(dev, non_blocking=True))
+                     indices.to(dev, non_blocking=True), tex)

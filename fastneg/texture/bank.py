@@ -1,8 +1,10 @@
 """The texture bank: one synthesized texture per training image, built once, loaded to the device.
 
-Layout of a bank folder:
+Layout of a bank folder (`storage` in index.json; BankSpec.storage, `--format`):
 
-    textures.u8   raw uint8 [rows, size, size, 3] (numpy.memmap-able; C order)
+    jpeg (default): textures.jpg   the rows' JPEG files (quality BankSpec.quality), end to end
+                    spans.i8       int64 [rows, 2]: (byte offset, length) of row r in textures.jpg
+    raw:            textures.u8    raw uint8 [rows, size, size, 3] (numpy.memmap-able; C order)
     rows.npy      int64 [images]: texture row of each dataset image (dataset index order)
     sources.npy   int64 [rows]: dataset image each texture row was made from
     index.json    format, version, source root, dataset fingerprint, counts, synthesis
@@ -20,8 +22,14 @@ p-th of its class) uses row j = floor(p * m_c / n_c): always a texture of its ow
 texture when it was chosen, and the class's images share its textures in equal consecutive runs.
 `rows.npy` holds this map; TextureBank.rows_for applies it.
 
-Crash safety: textures are written chunk by chunk with pwrite + fdatasync, and only then are
-their rows marked in done.u8 (also synced); `--resume` recomputes exactly the rows not marked.
+Crash safety: textures are written chunk by chunk with pwrite + fdatasync (jpeg: appended to
+textures.jpg, then their spans written and synced), and only then are their rows marked in
+done.u8 (also synced); `--resume` recomputes exactly the rows not marked (jpeg: after cutting
+textures.jpg back to the end of the last span marked done).
+
+The loaders read a jpeg bank like images (BankReader: one pread per texture, no whole-bank load,
+so host memory does not grow with the bank); TextureBank.load puts a whole bank (either storage)
+on a device, for small banks.
 `complete` becomes true by an atomic rename of index.json after the last sync, so a bank that
 was interrupted is never taken for a complete one. Texture i depends only on (seed, i), so a
 resumed or parallel build writes the same bytes as a serial one.
@@ -43,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from fastneg.progress import tqdm
 
 from fastneg.data.files import available_cpus, inspect_file
 from fastneg.data.imagefolder import ImageList, scan_image_folder
@@ -57,7 +65,10 @@ FORMAT = "fastneg-texture-bank"
 VERSION = 1
 TEXTURES_FILE, INDEX_FILE, DONE_FILE = "textures.u8", "index.json", "done.u8"
 ROWS_FILE, SOURCES_FILE, LOCK_FILE = "rows.npy", "sources.npy", ".lock"
-BANK_FILES = (TEXTURES_FILE, INDEX_FILE, DONE_FILE, ROWS_FILE, SOURCES_FILE, LOCK_FILE)
+JPEG_FILE, SPANS_FILE = "textures.jpg", "spans.i8"
+BANK_FILES = (TEXTURES_FILE, INDEX_FILE, DONE_FILE, ROWS_FILE, SOURCES_FILE, LOCK_FILE,
+              JPEG_FILE, SPANS_FILE)
+STORAGES = ("jpeg", "raw")
 
 
 @dataclass(frozen=True)
@@ -70,13 +81,15 @@ class BankSpec:
     tol: float = 0.1
     seed: int = 0
     limit: int | None = None       # None: one texture per image
+    storage: str = "jpeg"          # "jpeg" or "raw" (module docstring)
+    quality: int = 90              # JPEG quality of storage "jpeg"
 
     def resolved(self) -> BankSpec:
         """The spec with block/overlap filled in and every value checked."""
         block, overlap = synthesis.default_block(self.exemplar)
         spec = BankSpec(self.size, self.exemplar, block if self.block is None else self.block,
                         overlap if self.overlap is None else self.overlap, self.tol, self.seed,
-                        self.limit)
+                        self.limit, self.storage, self.quality)
         if spec.size < 1:
             raise ValueError(f"--size must be >= 1, got {spec.size}")
         if spec.exemplar < 2:
@@ -90,6 +103,11 @@ class BankSpec:
             raise ValueError(f"--seed must be >= 0, got {spec.seed}")
         if spec.limit is not None and spec.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {spec.limit}")
+        if spec.storage not in STORAGES:
+            raise ValueError(f"--format must be one of {', '.join(STORAGES)}, "
+                             f"got {spec.storage!r}")
+        if not 1 <= spec.quality <= 100:
+            raise ValueError(f"JPEG quality must be in [1, 100], got {spec.quality}")
         return spec
 
 
@@ -230,7 +248,18 @@ def _make_chunk(job):
         out[n] = synthesis.synthesize(_load_rgb(path), spec.size, exemplar=spec.exemplar,
                                       block=spec.block, overlap=spec.overlap, tol=spec.tol,
                                       seed=spec.seed, sample=int(sample))
+    if spec.storage == "jpeg":
+        out = [encode_jpeg(t, spec.quality) for t in out]
     return rows, out, time.process_time() - t0
+
+
+def encode_jpeg(texture: np.ndarray, quality: int) -> bytes:
+    """The JPEG file of one uint8 [size, size, 3] texture (4:4:4, no chroma subsampling: a
+    texture is all fine detail)."""
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(texture).save(buf, format="JPEG", quality=quality, subsampling=0)
+    return buf.getvalue()
 
 
 def _results(jobs, pool, workers):
@@ -265,6 +294,74 @@ def _warm_up() -> None:
     synthesis.quilt([np.zeros((6, 6, 3), np.uint8)], 8, block=4, overlap=1)
 
 
+# ---------------------------------------------------------------- storage writers
+
+def _runs(r: np.ndarray) -> list[np.ndarray]:
+    """Positions in the sorted rows `r` of each run of consecutive rows (resume leaves gaps)."""
+    return np.split(np.arange(len(r)), np.flatnonzero(np.diff(r) != 1) + 1)
+
+
+class _RawWriter:
+    """textures.u8: row r at byte r * size * size * 3."""
+
+    def __init__(self, out: Path, spec: BankSpec, rows: int, done: np.ndarray):
+        self.row_bytes = spec.size * spec.size * 3
+        self.fd = _open_sized(out / TEXTURES_FILE, rows * self.row_bytes)
+
+    def write(self, r: np.ndarray, tex: np.ndarray) -> None:
+        for run in _runs(r):
+            os.pwrite(self.fd, tex[run].tobytes(), int(r[run[0]]) * self.row_bytes)
+        os.fdatasync(self.fd)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+class _JpegWriter:
+    """textures.jpg (JPEG files appended in the order chunks finish) + spans.i8 (where each is).
+
+    On resume the file is cut back to the end of the last span whose row is marked done: bytes
+    after it belong to a chunk that was never marked, and are written again.
+    """
+
+    def __init__(self, out: Path, spec: BankSpec, rows: int, done: np.ndarray):
+        self.spans_fd = _open_sized(out / SPANS_FILE, rows * 16)
+        spans = np.frombuffer(os.pread(self.spans_fd, rows * 16, 0), np.int64).reshape(rows, 2)
+        kept = spans[done == 1]
+        self.end = int((kept[:, 0] + kept[:, 1]).max()) if len(kept) else 0
+        self.fd = os.open(out / JPEG_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self.fd, self.end)
+
+    def write(self, r: np.ndarray, tex: list[bytes]) -> None:
+        spans = np.empty((len(r), 2), np.int64)
+        blob = b"".join(tex)
+        os.pwrite(self.fd, blob, self.end)
+        for k, t in enumerate(tex):
+            spans[k] = self.end, len(t)
+            self.end += len(t)
+        os.fdatasync(self.fd)
+        for run in _runs(r):
+            os.pwrite(self.spans_fd, spans[run].tobytes(), int(r[run[0]]) * 16)
+        os.fdatasync(self.spans_fd)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        os.fsync(self.spans_fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        os.close(self.spans_fd)
+
+
 # ---------------------------------------------------------------- build
 
 def _check_out(out: Path, meta: dict, resume: bool, force: bool) -> None:
@@ -279,6 +376,7 @@ def _check_out(out: Path, meta: dict, resume: bool, force: bool) -> None:
             state = "complete" if old["complete"] else "incomplete"
             raise FileExistsError(f"texture bank {out} exists ({state}); pass --resume to "
                                   "continue it or --force to rebuild it")
+        old = {**old, "storage": storage_of(old), "quality": old.get("quality", meta["quality"])}
         diff = [k for k in meta if k not in ("complete", "source_root") and old.get(k) != meta[k]]
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {meta[k]!r}" for k in diff)
@@ -333,11 +431,10 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
     write_bytes_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())
     _save_npy_atomic(out / ROWS_FILE, image_rows)
     _save_npy_atomic(out / SOURCES_FILE, sources)
-    row_bytes = spec.size * spec.size * 3
-    tex_fd = _open_sized(out / TEXTURES_FILE, rows * row_bytes)
     done_fd = _open_sized(out / DONE_FILE, rows)
     try:
         done = np.frombuffer(os.pread(done_fd, rows, 0), np.uint8).copy()
+        store = (_JpegWriter if spec.storage == "jpeg" else _RawWriter)(out, spec, rows, done)
         todo = np.flatnonzero(done == 0)
         jobs = []
         for a in range(0, len(todo), chunk):
@@ -354,25 +451,20 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
                    desc=f"build-bank {out.name}", smoothing=0.1)
         t0 = time.perf_counter()
         cpu = 0.0
-        with pool or nullcontext(), bar:
+        with store, pool or nullcontext(), bar:
             for r, tex, seconds in _results(jobs, pool, workers):
                 cpu += seconds
-                # Rows in a chunk may have gaps (resume): one pwrite per contiguous run.
-                runs = np.split(np.arange(len(r)), np.flatnonzero(np.diff(r) != 1) + 1)
-                for run in runs:
-                    os.pwrite(tex_fd, tex[run].tobytes(), int(r[run[0]]) * row_bytes)
-                os.fdatasync(tex_fd)          # textures are on disk before they count as done
+                store.write(r, tex)            # durable before the rows count as done
                 done[r] = 1
-                for run in runs:
+                for run in _runs(r):
                     os.pwrite(done_fd, done[r[run]].tobytes(), int(r[run[0]]))
                 os.fdatasync(done_fd)
                 bar.update(len(r))
                 if on_chunk is not None:
                     on_chunk(int(done.sum()), rows)
-        seconds = time.perf_counter() - t0
-        os.fsync(tex_fd)
+            seconds = time.perf_counter() - t0
+            store.finish()
     finally:
-        os.close(tex_fd)
         os.close(done_fd)
     write_bytes_atomic(out / INDEX_FILE, json.dumps({**meta, "complete": True}, indent=1).encode())
     (out / DONE_FILE).unlink()
@@ -391,7 +483,7 @@ def write_preview(bank, png, *, count: int = 8, per_row: int = 4, cell: int = 11
         raise ValueError(f"preview needs count >= 1, per_row >= 1, cell >= 8 "
                          f"(got {count}, {per_row}, {cell})")
     size, rows = meta["size"], meta["rows"]
-    textures = np.memmap(bank / TEXTURES_FILE, np.uint8, mode="r", shape=(rows, size, size, 3))
+    reader = BankReader(bank)
     sources = np.load(bank / SOURCES_FILE)
     images = scan_image_folder(meta["source_root"])
     picks = np.linspace(0, rows - 1, min(count, rows)).round().astype(np.int64)
@@ -407,7 +499,8 @@ def write_preview(bank, png, *, count: int = 8, per_row: int = 4, cell: int = 11
                          Image.BICUBIC)
         x, y = pair_w * (n % per_row), (cell + gap) * (n // per_row)
         grid.paste(src, (x + (cell - src.width) // 2, y + (cell - src.height) // 2))
-        grid.paste(Image.fromarray(textures[r]).resize((cell, cell), Image.BICUBIC), (x + cell, y))
+        grid.paste(Image.fromarray(reader.pixels(int(r))).resize((cell, cell), Image.BICUBIC),
+                   (x + cell, y))
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     grid.save(png, optimize=True)
@@ -419,11 +512,89 @@ def write_preview(bank, png, *, count: int = 8, per_row: int = 4, cell: int = 11
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
+def storage_of(meta: dict) -> str:
+    """The storage of a bank's index.json ("raw" for banks written before there was a choice)."""
+    return meta.get("storage", "raw")
+
+
+class BankReader:
+    """Reads single textures of a complete bank from disk, for the loaders: nothing is loaded
+    up front but rows.npy (memory-mapped), so host memory stays flat however large the bank.
+
+    Picklable (open files are reopened lazily in each process). `encoded(row)` gives a jpeg
+    bank's JPEG bytes (uint8 [n]), `pixels(row)` any bank's uint8 [size, size, 3].
+    """
+
+    def __init__(self, path, *, expect=None):
+        path = Path(path)
+        meta = read_index(path)
+        if not meta["complete"]:
+            raise ValueError(f"texture bank {path} is incomplete: finish it with fastneg "
+                             f"build-bank {meta['source_root']} --out {path} --resume")
+        if expect is not None:
+            _check_expected(path, meta, expect)
+        self.path, self.meta, self.storage = path, meta, storage_of(meta)
+        self.rows, self.size = meta["rows"], meta["size"]
+        name = JPEG_FILE if self.storage == "jpeg" else TEXTURES_FILE
+        expected = None if self.storage == "jpeg" else self.rows * self.size * self.size * 3
+        data = path / name
+        if not data.exists() or (expected is not None and data.stat().st_size != expected):
+            raise ValueError(f"{data} is missing or has the wrong size: the bank is damaged; "
+                             "rebuild it with --force")
+        if self.storage == "jpeg" and (path / SPANS_FILE).stat().st_size != self.rows * 16:
+            raise ValueError(f"{path / SPANS_FILE} does not hold {self.rows} spans: the bank is "
+                             "damaged; rebuild it with --force")
+        self._fd = None
+        self._spans = None
+        self._image_rows = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None, "_spans": None, "_image_rows": None}
+
+    def _open(self):
+        if self._fd is None:
+            name = JPEG_FILE if self.storage == "jpeg" else TEXTURES_FILE
+            self._fd = os.open(self.path / name, os.O_RDONLY)
+            if self.storage == "jpeg":
+                self._spans = np.memmap(self.path / SPANS_FILE, np.int64, mode="r",
+                                        shape=(self.rows, 2))
+        return self._fd
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def rows_for(self, indices: np.ndarray) -> np.ndarray:
+        """Texture rows of dataset `indices` (int64 numpy), from rows.npy."""
+        if self._image_rows is None:
+            self._image_rows = np.load(self.path / ROWS_FILE, mmap_mode="r")
+        return np.asarray(self._image_rows[np.asarray(indices, np.int64)], np.int64)
+
+    def encoded(self, row: int) -> np.ndarray:
+        """uint8 [n]: the JPEG file of texture `row` (jpeg banks only)."""
+        if self.storage != "jpeg":
+            raise ValueError(f"texture bank {self.path} is stored raw, not as JPEG")
+        fd = self._open()
+        offset, length = (int(v) for v in self._spans[row])
+        return np.frombuffer(os.pread(fd, length, offset), np.uint8)
+
+    def pixels(self, row: int) -> np.ndarray:
+        """uint8 [size, size, 3]: texture `row`, decoded (jpeg) or read (raw)."""
+        if self.storage == "jpeg":
+            import io
+            with Image.open(io.BytesIO(self.encoded(row).tobytes())) as im:
+                return np.asarray(im.convert("RGB"))
+        nbytes = self.size * self.size * 3
+        data = os.pread(self._open(), nbytes, row * nbytes)
+        return np.frombuffer(data, np.uint8).reshape(self.size, self.size, 3)
+
+
 class TextureBank:
     """A complete bank in memory: `.textures` uint8 [rows, size, size, 3] on the device.
 
     placement: "cuda" (device memory), "pinned" (page-locked host memory: the bank did not fit
-    the GPU budget) or "mmap" (CPU, memory-mapped from the file: pages load on first use).
+    the GPU budget), "mmap" (CPU, a raw bank memory-mapped from the file: pages load on first
+    use) or "memory" (CPU, a jpeg bank decoded whole).
     """
 
     def __init__(self, textures, image_rows, meta: dict, placement: str):
@@ -462,16 +633,23 @@ class TextureBank:
             _check_expected(path, meta, expect)
         rows, size = meta["rows"], meta["size"]
         shape = (rows, size, size, 3)
-        tex_path = path / TEXTURES_FILE
-        if not tex_path.exists() or tex_path.stat().st_size != math.prod(shape):
-            raise ValueError(f"{tex_path} does not hold {rows} textures of {size}x{size}x3 "
-                             "bytes: the bank is damaged; rebuild it with --force")
         image_rows = torch.from_numpy(np.load(path / ROWS_FILE))
         if len(image_rows) != meta["images"]:
             raise ValueError(f"{path / ROWS_FILE} has {len(image_rows)} entries, index.json "
                              f"says {meta['images']} images: rebuild the bank with --force")
-        # mode "c" (copy-on-write) gives a writable view for torch without touching the file.
-        array = np.memmap(tex_path, np.uint8, mode="c", shape=shape)
+        if storage_of(meta) == "jpeg":
+            # Decoded whole into host memory: for small banks (large ones go through the loaders).
+            reader = BankReader(path)
+            array = np.empty(shape, np.uint8)
+            for r in range(rows):
+                array[r] = reader.pixels(r)
+        else:
+            tex_path = path / TEXTURES_FILE
+            if not tex_path.exists() or tex_path.stat().st_size != math.prod(shape):
+                raise ValueError(f"{tex_path} does not hold {rows} textures of {size}x{size}x3 "
+                                 "bytes: the bank is damaged; rebuild it with --force")
+            # mode "c" (copy-on-write) gives a writable view for torch without touching the file.
+            array = np.memmap(tex_path, np.uint8, mode="c", shape=shape)
         device = torch.device(device)
         nbytes = array.nbytes
         if device.type == "cuda":
@@ -489,6 +667,8 @@ class TextureBank:
         elif device.type == "cpu":
             textures, placement = torch.from_numpy(array), "mmap"
             where = "CPU memory (memory-mapped)"
+            if storage_of(meta) == "jpeg":
+                placement, where = "memory", "CPU memory (decoded)"
         else:
             raise ValueError(f"texture bank device must be cpu or cuda, got {device}")
         # Pinned memory works but costs a host-to-device gather per batch: a warning, not info.

@@ -10,8 +10,9 @@ def register(sub) -> None:
         "build-bank", help="synthesize one texture per image of an ImageFolder (texture negatives)",
         description="Build a texture bank: for every image (dataset index order), image quilting "
                     "from its central and one random EXEMPLAR-pixel crop makes a SIZE x SIZE "
-                    "texture. Stored as BANK/textures.u8 (uint8 [rows, size, size, 3]) + "
-                    "BANK/index.json. Interrupted builds continue with --resume.")
+                    "texture. Stored as JPEG files (BANK/textures.jpg + spans.i8; the loaders decode them "
+                    "with the images) or with --format raw as BANK/textures.u8 (uint8 [rows, size, "
+                    "size, 3]), + BANK/index.json. Interrupted builds continue with --resume.")
     m.add_argument("data", help="ImageFolder root (class sub-folders), e.g. data/shapes/train")
     m.add_argument("--out", required=True, help="bank folder")
     m.add_argument("--size", type=int, default=synthesis.PAPER_SIZE,
@@ -30,6 +31,10 @@ def register(sub) -> None:
     m.add_argument("--limit", type=int, default=None,
                    help="make only this many textures, a class-stratified subset; each image then "
                         "uses a texture of its own class (see fastneg.texture.bank)")
+    m.add_argument("--format", choices=("jpeg", "raw"), default="jpeg",
+                   help="storage: jpeg (default; read by the loaders like images, for any bank "
+                        "size) or raw (uint8 array; small banks loaded whole on the device)")
+    m.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     m.add_argument("--workers", type=int, default=None,
                    help="processes (default: available cores)")
     m.add_argument("--chunk", type=int, default=16,
@@ -47,7 +52,7 @@ def run(args) -> None:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     spec = BankSpec(size=args.size, exemplar=args.exemplar, block=args.block,
                     overlap=args.overlap, tol=args.tol, seed=args.seed,
-                    limit=args.limit)
+                    limit=args.limit, storage=args.format, quality=args.quality)
     report = build_bank(args.data, args.out, spec, workers=args.workers, resume=args.resume,
                         force=args.force, chunk=args.chunk, progress=not args.quiet)
     print(report.summary())
