@@ -11,6 +11,7 @@ from fastneg.data.files import UnreadableFiles
 VERB_MODULES = [
     "fastneg.data.cli",        # make-data
     "fastneg.data.convert",    # convert
+    "fastneg.data.index",      # index
     "fastneg.eval.cli",        # eval
     "fastneg.texture.cli",     # build-bank
 ]

@@ -296,8 +296,10 @@ def test_skip_bad_leaves_them_out_counts_and_reports(data, kind, caplog):
     images = scan_image_folder(data.bad)
     names = [Path(f).name for f in images.files]
     got = indices_of(batches)
-    assert sorted(names[i] for i in got) == sorted(UNUSUAL_OK + tuple(f"good{k}.jpg"
-                                                                      for k in range(4)))
+    # a file that fails only when decoded is replaced by another of the shard: full batches
+    assert all(len(b.indices) == 4 for b in batches[:-1])
+    assert sorted({names[i] for i in got}) == sorted(UNUSUAL_OK + tuple(f"good{k}.jpg"
+                                                                        for k in range(4)))
     assert [images.labels[i] for i in got] == [y for b in batches for y in b.labels.tolist()]
     assert loader.skipped == len(PREFLIGHT_BAD) + 1
     assert {Path(f).name for f, _ in loader.bad_files} == {*PREFLIGHT_BAD, "huffman.jpg"}

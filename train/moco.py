@@ -80,7 +80,7 @@ DEFAULTS = dict(loader="dali", negatives="patch", alpha=2.0, patch_range=None, t
                 warmup_epochs=1, moco_k=1024,
                 moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn="shuffle",
                 channels_last=True, seed=0, save_every=10, log_every=10, workers=None,
-                compile=False, max_steps=None, eval=False)
+                compile=False, max_steps=None, eval=False, skip_bad=False)
 DEVICE_DEFAULTS = {
     "cpu": dict(arch="resnet10s", size=64, batch_size=128, precision="fp32"),
     "cuda": dict(arch="resnet18", size=96, batch_size=256, precision="bf16"),
@@ -99,7 +99,8 @@ QUEUE_FRACTION = 0.25   # warn above this queue size / dataset size (see main)
 # On --resume, every setting comes from the checkpoint except NOT_CARRIED; flags given again
 # must match it, except RUN_CONTROL (changing --epochs reshapes the cosine from there on).
 NOT_CARRIED = {"out", "resume", "device", "max_steps"}
-RUN_CONTROL = NOT_CARRIED | {"epochs", "log_every", "save_every", "workers", "compile", "eval"}
+RUN_CONTROL = NOT_CARRIED | {"epochs", "log_every", "save_every", "workers", "compile", "eval",
+                             "skip_bad"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag("--loader", "data loader backend", choices=KINDS)
     add_flag("--workers", "loader worker threads or processes (default: the loader's choice)",
              type=int)
+    add_flag("--skip-bad", "train without the files no decoder can read instead of stopping; "
+             "one that fails mid-run is replaced by another image of the same shard, so "
+             "batches keep their size", action=argparse.BooleanOptionalAction)
     add_flag("--negatives", "non-semantic negatives", choices=NEGATIVES)
     add_flag("--alpha", "NS logit scale, inside the exponent", type=float)
     add_flag("--patch-range", "patch side range in pixels, both ends included (default: 16..72 "
@@ -334,7 +338,7 @@ def build_training_loader(args, procs: Processes, source: Path):
                         views=2, size=args.size, scale=tuple(args.crop_scale),
                         device=str(procs.device), rank=procs.rank, world_size=procs.world,
                         seed=args.seed, workers=args.workers, drop_last=True, shuffle=True,
-                        texture_bank=loader_texture_bank(args))
+                        texture_bank=loader_texture_bank(args), skip_bad=args.skip_bad)
 
 
 def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
@@ -629,6 +633,15 @@ def main(argv=None):
                             f"continues with --resume {out}")
                 total_steps = step   # save a checkpoint (below) and end
                 break
+        if args.skip_bad:   # every rank reaches this point together: one gather per epoch
+            skipped = {f for f, _ in loader.bad_files}
+            if procs.distributed:
+                every = [None] * procs.world
+                dist.all_gather_object(every, sorted(skipped))
+                skipped = set().union(*every)
+            if procs.main and skipped:
+                print(f"epoch {epoch}: skipped {len(skipped)} unreadable file(s) on all ranks "
+                      "(batches kept their size)", file=sys.stderr, flush=True)
         if procs.main and step < total_steps and (step // steps_per_epoch) % args.save_every == 0:
             checkpoint(step)
     run_log.close()
@@ -657,7 +670,8 @@ if __name__ == "__main__":
     except rundir.UnreadableFiles as e:   # a file failed to decode mid-run
         shown = "; ".join(f"{f}: {why}" for f, why in e.failures[:3])
         print(f"train/moco.py: error: {len(e.failures)} file(s) passed the pre-flight check but "
-              f"failed to decode: {shown}; fix or remove them, then --resume", file=sys.stderr)
+              f"failed to decode: {shown}; fix or remove them (or pass --skip-bad), then "
+              "--resume", file=sys.stderr)
         sys.exit(2)
     except (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError,
             ImportError) as e:

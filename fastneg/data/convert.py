@@ -13,7 +13,8 @@ the texture bank's folder and texture size). File and class names are stored as 
 them from the file system: a name that is not valid UTF-8 keeps its raw bytes as escaped surrogates ("\udcff"), so
 os.fsencode(json.loads(sidecar)["bad"][k][1]) gives back the exact bytes of the name.
 
-Every file is checked before writing (fastneg.data.files.check_files); unreadable files stop the
+Every file is checked before writing (fastneg.data.files.check_files, stored in the dataset
+index, fastneg.data.index); unreadable files stop the
 conversion with their names unless skip_bad, which stores them as 1x1 placeholders with label -1
 so that sample numbers stay dataset indices. Writing runs in a process of its own
 (`convert_to_beton` starts one): FFCV's writer can deadlock on Numba's compile lock in a process
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fastneg.data.imagefolder import scan_image_folder
 from fastneg.data.staging import swap_in, temporary_sibling
 
 LAYOUT = "fastneg-beton"
@@ -98,7 +98,8 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
                 texture_bank=None) -> dict:
     """Write the .beton and its sidecar in this process (see the module docstring); returns the
     sidecar's content. Use convert_to_beton from a process that may have run an FFCV Loader."""
-    from fastneg.data.files import available_cpus, check_files, require_readable
+    from fastneg.data.files import available_cpus, require_readable
+    from fastneg.data.index import load_index
 
     if not 1 <= max_side <= MAX_SIDE_LIMIT:
         raise ValueError(f"--max-side must be in [1, {MAX_SIDE_LIMIT}], got {max_side}")
@@ -111,8 +112,8 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     workers = workers or available_cpus()
     _check_writable(out.parent)     # before minutes of work, not after
-    images = scan_image_folder(src)
-    check = check_files(images, workers)
+    check = load_index(src, workers=workers).file_check()   # the dataset's stored check
+    images = check.images
     require_readable(check, skip_bad)
     bad = dict(check.bad)
     bank = None

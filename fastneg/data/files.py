@@ -35,7 +35,9 @@ SUPPORTED_MODES = {
 }
 JPEG_EOI = b"\xff\xd9"
 PNG_IEND = b"IEND\xaeB`\x82"
-TAIL_BYTES = 1024          # the JPEG end marker must lie within the file's last KiB
+TAIL_BYTES = 1024          # PNG's IEND must end the file; a JPEG's end marker is looked for
+                           # from here backwards (see _jpeg_has_end)
+JPEG_SOS = b"\xff\xda"
 
 
 def _max_pixels() -> tuple[int, str | None]:
@@ -100,6 +102,50 @@ class FileCheck:
         return "\n".join(lines)
 
 
+def _jpeg_scan_start(f) -> int | None:
+    """Offset of the first start-of-scan marker of the JPEG open in `f`, walking the header's
+    marker segments from the start; None when the header ends before one."""
+    f.seek(2)                                    # after SOI
+    while True:
+        marker = f.read(4)
+        if len(marker) < 4 or marker[0] != 0xFF:
+            return None
+        if marker[1] == 0xFF:                    # fill byte before a marker
+            f.seek(-3, os.SEEK_CUR)
+            continue
+        if marker[:2] == JPEG_SOS:
+            return f.tell() - 4
+        if marker[1] == 0x01 or 0xD0 <= marker[1] <= 0xD7:   # markers without a length
+            f.seek(-2, os.SEEK_CUR)
+            continue
+        length = int.from_bytes(marker[2:], "big")
+        if length < 2:
+            return None
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def _jpeg_has_end(f, size: int) -> bool:
+    """Whether an end-of-image marker follows the first scan of the JPEG open in `f`.
+
+    Camera files often carry data after the end marker (a second picture, vendor trailers), so
+    the marker is searched backwards from the end in growing windows, down to the first scan.
+    Inside the compressed scan data 0xFF is always escaped, so a marker found there is real;
+    one before the first scan (an EXIF thumbnail's) does not count. A truncated file has none.
+    """
+    scan = _jpeg_scan_start(f)
+    if scan is None:
+        return False
+    window = TAIL_BYTES
+    while True:
+        start = max(scan, size - window)
+        f.seek(start)
+        if JPEG_EOI in f.read():
+            return True
+        if start == scan:
+            return False
+        window *= 8
+
+
 def inspect_file(path) -> tuple[str | None, int, int, str]:
     """(problem or None, height, width, content) of one file, from its header and last bytes.
 
@@ -125,9 +171,10 @@ def inspect_file(path) -> tuple[str | None, int, int, str]:
                 return "not an image (content not recognised)", 0, 0, ""
             except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for broken headers
                 return f"broken image header ({e})", 0, 0, ""
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - TAIL_BYTES))
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL_BYTES))
             tail = f.read()
+            jpeg_ended = fmt not in ("JPEG", "MPO") or _jpeg_has_end(f, size)
     except OSError as e:
         return f"cannot read ({e.strerror or e})", 0, 0, ""
     if fmt not in SUPPORTED_MODES:
@@ -137,7 +184,7 @@ def inspect_file(path) -> tuple[str | None, int, int, str]:
         return f"{fmt} in colour mode {mode}, which the decoders do not agree on", 0, 0, ""
     if fmt == "PNG" and not tail.endswith(PNG_IEND):
         return "truncated PNG (no IEND chunk at the end)", 0, 0, ""
-    if fmt != "PNG" and JPEG_EOI not in tail:
+    if not jpeg_ended:
         return "truncated JPEG (no end-of-image marker)", 0, 0, ""
     if h < 1 or w < 1:
         return f"image of size {w}x{h}", 0, 0, ""

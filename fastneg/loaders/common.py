@@ -1,9 +1,12 @@
 """What every backend shares, so that all three agree on files, order, shards and crops.
 
 - `LoaderConfig`: the checked arguments of build_loader.
-- `checked_image_folder`: list an ImageFolder and run fastneg.data.files' pre-flight check,
-  which also gives the image sizes the crop boxes need before decoding.
+- `checked_image_folder`: an ImageFolder's listing and pre-flight check (fastneg.data.files), read
+  from its dataset index (fastneg.data.index, built once per dataset), which also gives the image
+  sizes the crop boxes need before decoding.
 - `epoch_order` / `shard`: one permutation per (seed, epoch) from fastneg's RNG, cut per rank.
+- `replace_failed`: with skip_bad, a sample whose file failed to decode is replaced by another of
+  the same shard, deterministically, so every rank's batches keep their size.
 - `crop_boxes` / `center_box`: the crop windows, from fastneg.kernels.crop.
 - `texture_params` / `open_texture_bank`: the textures (a third view) of a loader with a bank.
 - `default_workers`: CPU threads / processes per rank when build_loader is not told.
@@ -22,7 +25,7 @@ import torch
 
 from fastneg.data.files import (FileCheck, UnreadableFiles, available_cpus,  # noqa: F401
                                 check_files, inspect_file, require_readable)
-from fastneg.data.imagefolder import scan_image_folder
+from fastneg.data.index import load_index
 from fastneg.kernels import crop, rng, textures
 
 # The texture crop: sample_textures' defaults, which the trainer uses.
@@ -104,8 +107,13 @@ def default_workers() -> int:
 
 def checked_image_folder(root, cfg: LoaderConfig) -> FileCheck:
     """List and check an ImageFolder: clear errors for a missing/empty root or class folder and,
-    unless cfg.skip_bad, for any file no loader can read."""
-    check = check_files(scan_image_folder(root), cfg.workers)
+    unless cfg.skip_bad, for any file no loader can read.
+
+    The check comes from the dataset index (fastneg.data.index.load_index): the first process
+    to need it checks every file while the others (the node's other ranks) wait on its lock;
+    after that every start costs one stat per file.
+    """
+    check = load_index(root, workers=cfg.workers).file_check()
     require_readable(check, cfg.skip_bad)
     return check
 
@@ -145,6 +153,31 @@ def shard(order: np.ndarray, rank: int, world_size: int, batch_size: int,
         full = (len(order) // world_size) // batch_size * batch_size
         mine = mine[:full]
     return np.ascontiguousarray(mine)    # DALI's external source takes dense batches only
+
+
+def replace_failed(samples: np.ndarray, start: int, stop: int, failed) -> np.ndarray:
+    """The batch samples[start:stop] with every index in `failed` replaced: in order, by the next
+    samples of the shard after the batch (wrapping around) that are neither failed nor already in
+    the batch (or, in a shard too small for that, by any good sample).
+
+    A function of (samples, start, stop, failed) only, and only of the failures it meets: once
+    the failures among a batch and its replacements are known, the batch is the same whether
+    they were learnt in this epoch or an earlier one (or before a resume). ValueError if no
+    sample is good.
+    """
+    batch = np.array(samples[start:stop], np.int64)
+    slots = [k for k, i in enumerate(batch.tolist()) if i in failed]
+    if not slots:
+        return batch
+    n, taken = len(samples), set(batch.tolist())
+    order = [int(samples[(stop + j) % n]) for j in range(n)]
+    good = [i for i in order if i not in failed]
+    if not good:
+        raise ValueError(f"every one of this rank's {n} samples failed to decode")
+    fresh = iter([i for i in dict.fromkeys(good) if i not in taken])
+    for j, k in enumerate(slots):
+        batch[k] = next(fresh, good[j % len(good)])
+    return batch
 
 
 # ----------------------------------------------------------------- crop windows
@@ -226,10 +259,13 @@ class LoaderBase:
     twice without it repeats the same batches. Subclasses implement `_batches(epoch, samples)`,
     which yields Batch objects for this rank's `samples` in order.
 
-    Skipped files: those the pre-flight check rejects never enter an epoch. A file that passes it
-    but fails to decode (possible on the DALI and torch backends, which decode at run time) stays
-    in the order, so that every rank keeps the same shards and batch count, and is dropped from
-    its batch each epoch (one sample fewer) when skip_bad, else it stops the epoch naming itself.
+    Skipped files: those the pre-flight check rejects never enter an epoch (every rank reads the
+    same index, so the shards agree). A file that passes it but fails to decode (possible on the
+    DALI and torch backends, which decode at run time) stays in the order, so that every rank
+    keeps the same shards and batch count; without skip_bad it stops the epoch naming itself,
+    with skip_bad the backend replaces it in its batch by `refill` (replace_failed: the next
+    good samples of the same shard), so the batch keeps its size, and `samples` replaces it in
+    later epochs before it is read.
     """
     kind = ""
 
@@ -240,6 +276,8 @@ class LoaderBase:
         self.bad_files: list[tuple[str, str]] = list(bad)   # (file, reason), as found
         self.epoch = 0
         self._good = good
+        self._failed: set[int] = set()   # dataset indices that failed to decode (skip_bad)
+        self._shard_of: tuple[int, np.ndarray] | None = None   # (epoch, its shard), cached
         n = len(shard(good, cfg.rank, cfg.world_size, cfg.batch_size, cfg.drop_last))
         self._len = n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size)
         if self._len == 0:
@@ -261,25 +299,46 @@ class LoaderBase:
     def __len__(self) -> int:
         return self._len
 
-    def samples(self, epoch: int) -> np.ndarray:
-        """This rank's dataset indices for `epoch`, in the order they are yielded."""
-        cfg = self.cfg
-        order = epoch_order(self._good, cfg.seed, epoch, cfg.shuffle)
-        return shard(order, cfg.rank, cfg.world_size, cfg.batch_size, cfg.drop_last)
+    def _shard(self, epoch: int) -> np.ndarray:
+        """This rank's share of the epoch order, before any replacement."""
+        if self._shard_of is None or self._shard_of[0] != epoch:
+            cfg = self.cfg
+            order = epoch_order(self._good, cfg.seed, epoch, cfg.shuffle)
+            self._shard_of = epoch, shard(order, cfg.rank, cfg.world_size, cfg.batch_size,
+                                          cfg.drop_last)
+        return self._shard_of[1]
 
-    def skip_or_raise(self, failures: list[tuple[str, str]]) -> None:
-        """Decode failures of one batch: counted when skip_bad, else an error naming them."""
+    def samples(self, epoch: int) -> np.ndarray:
+        """This rank's dataset indices for `epoch`, in the order they are yielded (files known
+        to fail to decode already replaced, see refill)."""
+        mine = self._shard(epoch)
+        if not self._failed:
+            return mine
+        bs = self.cfg.batch_size
+        return np.concatenate([replace_failed(mine, s, min(s + bs, len(mine)), self._failed)
+                               for s in range(0, len(mine), bs)])
+
+    def refill(self, epoch: int, batch: int) -> np.ndarray:
+        """Batch number `batch` of `epoch` with every file known to fail replaced by other
+        samples of this rank's shard (replace_failed): the same size as planned."""
+        mine, bs = self._shard(epoch), self.cfg.batch_size
+        return replace_failed(mine, batch * bs, min((batch + 1) * bs, len(mine)), self._failed)
+
+    def skip_or_raise(self, failures: list[tuple[str, str]], indices=()) -> None:
+        """Decode failures of one batch (files and their dataset `indices`): remembered when
+        skip_bad (refill then replaces them), else an error naming them."""
         if not self.cfg.skip_bad:
             listed = "\n".join(f"  {f}: {why}" for f, why in failures)
             raise UnreadableFiles(f"{self.kind} loader: file(s) that passed the pre-flight "
                                   f"check failed to decode:\n{listed}\nfix or remove them, or "
                                   "pass skip_bad=True", failures)
         self.bad_files += [f for f in failures if f not in self.bad_files]
+        self._failed.update(int(i) for i in indices)
 
     def __iter__(self):
         epoch = self.epoch
         yield from self._batches(epoch, self.samples(epoch))
-        if self.bad_files:
+        if self.bad_files and self.cfg.rank == 0:   # once per epoch, not once per rank
             first = "; ".join(f"{f}: {why}" for f, why in self.bad_files[:3])
             log.warning("%s loader, epoch %d: skipped %d unreadable file(s) (%s%s)", self.kind,
                         epoch, self.skipped, first, " ..." if self.skipped > 3 else "")

@@ -140,7 +140,6 @@ class Loader(LoaderBase):
         self._labels = torch.from_numpy(images.labels).to(cfg.device)   # looked up on the device
         self._bank = None if cfg.texture_bank is None else open_texture_bank(cfg.texture_bank,
                                                                              images)
-        self._known_bad: set[int] = set()     # dataset indices that failed to decode
         crop_boxes(cfg, 0, check.good[:1], check.heights[:1], check.widths[:1], 0)  # compile now
         self._table = _EpochTable(len(check.good), len(self) + 1)
         weakref.finalize(self, self._table.remove)
@@ -221,8 +220,8 @@ class Loader(LoaderBase):
         names = self._names()
         b = 0
         while b < len(plan):
-            plan = [p if not self._known_bad else
-                    p[~np.isin(p, np.fromiter(self._known_bad, np.int64))] for p in plan]
+            if self._failed:   # files that failed: replaced from this rank's shard (same size)
+                plan = [self.refill(epoch, k) for k in range(len(plan))]
             if len(plan[b]) == 0:     # every file of the batch failed: keep the batch count
                 empty = torch.empty((0, cfg.size, cfg.size, 3), dtype=torch.uint8, device=dev)
                 none = torch.empty(0, dtype=torch.int64, device=dev)
@@ -249,10 +248,10 @@ class Loader(LoaderBase):
                 if not failures:
                     raise RuntimeError(f"DALI failed on batch {b} of epoch {epoch}, whose files "
                                        f"PIL decodes: {e}") from e
-                self.skip_or_raise(failures)
                 failed = {f for f, _ in failures}
-                self._known_bad |= {i for i in np.concatenate(plan[b:b + 3]).tolist()
-                                    if self._paths[i] in failed}
+                batch_indices = np.concatenate(plan[b:b + 3]).tolist()
+                self.skip_or_raise(failures, [i for i in batch_indices
+                                              if self._paths[i] in failed])
             finally:
                 if not finished and self._outputs is not None:
                     # Left before the end (the consumer stopped): DALI cannot reset mid-epoch.

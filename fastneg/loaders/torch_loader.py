@@ -332,17 +332,44 @@ class Loader(LoaderBase):
 
     def _batches(self, epoch, samples):
         self._plan.epoch, self._plan.samples = epoch, samples
+        bs = self.cfg.batch_size
         if not self._device_decode:
-            for views, labels, indices, failures, textures in self._loader:
+            for b, (views, labels, indices, failures, textures) in enumerate(self._loader):
                 if failures:
-                    self.skip_or_raise(failures)
+                    lost = set(samples[b * bs:(b + 1) * bs].tolist()) - set(indices.tolist())
+                    self.skip_or_raise(failures, lost)
+                    views, labels, indices, textures = self._refill(epoch, b, views, labels,
+                                                                    indices, textures)
                 yield Batch(tuple(views.unbind(0)), labels, indices, textures)
             return
+        # Device decode: a failure still shortens its batch (replacement: CPU decode only).
         prepare = lambda item: self._decode_and_crop(epoch, *item)   # noqa: E731
         for batch, failures in prefetched(self._loader, prepare, self.cfg.device):
             if failures:
                 self.skip_or_raise(failures)
             yield batch
+
+    def _refill(self, epoch, b, views, labels, indices, textures):
+        """Batch `b` with its failed files replaced (LoaderBase.refill), decoded here, in the
+        planned order: a decode failure does not shorten the batch."""
+        while True:
+            planned = self.refill(epoch, b)
+            have = set(indices.tolist())
+            missing = np.array([i for i in planned.tolist() if i not in have], np.int64)
+            if not len(missing):
+                break
+            more_views, more_labels, more_indices, failures, more_textures = \
+                self._reader[(epoch, missing)]
+            self.skip_or_raise(failures, set(missing.tolist()) - set(more_indices.tolist()))
+            views = torch.cat([views, more_views], 1)
+            labels, indices = torch.cat([labels, more_labels]), torch.cat([indices, more_indices])
+            if textures is not None:
+                textures = torch.cat([textures, more_textures])
+        position = {i: k for k, i in enumerate(planned.tolist())}
+        keep = torch.tensor(sorted(range(len(indices)), key=lambda k: position.get(
+            int(indices[k]), len(position)))[:len(planned)])
+        textures = None if textures is None else textures[keep]
+        return views[:, keep].contiguous(), labels[keep], indices[keep], textures
 
     def _decode_and_crop(self, epoch, items, labels, indices, failures, textures):
         """The device path, on the prefetch thread: (Batch, decode failures)."""
