@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from fastneg.kernels.augment_ops import BRIGHTNESS, CONTRAST, HUE, SATURATION
+from fastneg.kernels.jit import cached_njit
 
 # Flag columns of the uint8 [N, 4] array fused_aug_plus takes.
 FLIP, JITTER, GRAY, BLUR = range(4)
@@ -193,7 +194,7 @@ def _blur_columns_into(acc, image, c, y, weights):
             acc[x] += wk * plane[x]
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@cached_njit(parallel=True, fastmath=_FASTMATH)
 def fused_aug_plus(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, scratch,
                    out):
     """aug-plus of uint8 x [N, H, W, 3] into float32 out [N, H, W, 3] (= NCHW channels_last).
