@@ -649,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=64, help="images per batch (default 64)")
     p.add_argument("--batches", type=positive, default=8,
                    help="measured batches per row (default 8)")
-    p.add_argument("--warmup", type=non_negative, default=2,
-                   help="warm-up batches per row, timed apart (default 2)")
+    p.add_argument("--warmup", type=positive, default=2,
+                   help="warm-up batches per row, timed apart, the first batch included "
+                        "(default 2)")
     p.add_argument("--size", type=positive, default=PAPER_SIZE,
                    help="training resolution (default 224)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
