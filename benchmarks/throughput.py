@@ -449,7 +449,7 @@ def patch_vs_copy(batch_size: int, size: int, device: str, repeats: int = 15) ->
     for name, (shape, dtype, layout) in shapes.items():
         x = torch.randint(0, 256, shape, generator=gen).to(dtype).to(dev)
         out = torch.empty_like(x)
-        pair = (lambda: patch_negatives(x, layout=layout, patch_range=patch_range_for(size),
+        pair = (lambda: patch_negatives(x, layout=layout, patch_range=scaled_patch_range(size),
                                         seed=0, out=out),
                 lambda: out.copy_(x))
         inner = max(1, (64 << 20) // (2 * x.nbytes))     # ~64 MB moved per timing

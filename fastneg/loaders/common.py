@@ -213,7 +213,7 @@ def crop_boxes(cfg: LoaderConfig, epoch: int, indices, heights, widths, view: in
 
 # ----------------------------------------------------------------- textures (a third view)
 
-@numba.njit(cache=False)
+@cached_njit()
 def _texture_params(seed, epoch, indices, h, w, scale_lo, scale_hi, logr_lo, logr_hi, out):
     for k in range(indices.shape[0]):
         textures._draw_params_cpu(seed, epoch, indices[k], h, w, scale_lo, scale_hi, logr_lo,
