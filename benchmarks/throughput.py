@@ -29,8 +29,21 @@ Texture bank: the first images of the dataset resized to the training size (the 
 and augmenting texture NS does not depend on what the pixels show); the baseline reads the same
 images as JPEG files, one per sample, as the published code reads its texture files.
 
-Default data: data/imagenet-like/train in the checkout, ~500x375 JPEG q90 images made once with
-the equivalent of `fastneg make-data --imagenet-like`. A loader that cannot run here (a missing
+Also per fastneg loader: "loader img/s", the bare loader's rate (its two uint8 crops, nothing
+after; a row of its own, "loader-only", shown as a column) and the finished rate as a fraction of
+it; "1st batch s", seconds from the row's process start to its first finished batch; and, for one
+negatives kind per loader (patch when requested), the same start-up measured twice in fresh
+processes that share an empty Numba cache (NUMBA_CACHE_DIR): "cold" compiles every kernel,
+"warm" loads them from that cache, as any second start does. Then patch_negatives into a
+preallocated output against out.copy_(x) (float32 NCHW and uint8 NHWC, the batch's shape).
+The last line checks the CPU goals: the finished patch-NS rate >= 60% of the loader-only rate and
+>= 3x the baseline for at least one loader, patch NS >= 70% of copy bandwidth, a warm start's
+first batch within 5 s.
+
+Default data: data/photos/train in the checkout, 640 ImageNet-sized JPEG q90 crops of
+scikit-image's sample photos made once with the equivalent of `fastneg make-data --photos`;
+`--synthetic` takes the smooth synthetic set instead (data/imagenet-like, `fastneg make-data
+--imagenet-like`, cheaper to decode than photos). A loader that cannot run here (a missing
 package, no GPU decoder, a failed .beton conversion) is reported as unavailable, with the reason.
 """
 from __future__ import annotations
@@ -57,14 +70,21 @@ LOADERS = ("dali", "ffcv", "torch")
 NEGATIVES = ("none", "patch", "texture")
 BASELINE = "published"
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / "data" / "imagenet-like"
-# 64 images per class x 10 classes = 640 training images: one epoch covers the default
-# 2 warm-up + 8 measured batches of 64, so no row's timing includes an epoch boundary.
+DEFAULT_DATA = REPO / "data" / "photos"
+SYNTHETIC_DATA = REPO / "data" / "imagenet-like"
+# 640 training images (photos: 80 per class x 8; synthetic: 64 x 10): one epoch covers the
+# default 2 warm-up + 8 measured batches of 64, so no row's timing includes an epoch boundary.
 DEFAULT_IMAGES_PER_CLASS = 64
+LOADER_ONLY = "loader-only"    # internal negatives kind: the bare loader's batches
+# The CPU goals the summary line checks.
+GOAL_OF_LOADER = 0.6           # finished patch-NS rate / loader-only rate
+GOAL_VS_BASELINE = 3.0         # finished patch-NS rate / the published pipeline's
+GOAL_OF_COPY = 0.7             # patch_negatives GB/s / out.copy_(x) GB/s
+GOAL_WARM_START_S = 5.0        # process start -> first finished batch, kernels cached
 TEXTURE_BANK_SIZE = 64
 RSS_SAMPLE_S = 0.05
 RECORD_KEYS = ("loader", "negatives", "device", "img_per_s", "cpu_s_per_1k", "peak_rss_mb",
-               "ratio_vs_baseline")
+               "ratio_vs_baseline", "first_batch_s")
 
 
 # ---------------------------------------------------------------- measuring a process tree
@@ -229,7 +249,13 @@ def measure_row(args) -> dict:
         return {**record, "status": "unavailable", "reason": _reason(e)}
     try:
         it = iter(batches)
-        for _ in range(args.warmup):
+        next(it)                                 # the first batch counts as a warm-up batch
+        _sync(device)
+        first_batch_s = time.time() - tree.root.create_time()
+        if args.first_batch_only:
+            tree.close()
+            return {**record, "status": "ok", "reason": "", "first_batch_s": first_batch_s}
+        for _ in range(args.warmup - 1):
             next(it)
         _sync(device)
         warm = time.perf_counter()
@@ -248,7 +274,7 @@ def measure_row(args) -> dict:
     return {**record, "status": "ok", "reason": "",
             "img_per_s": images / wall, "batches_per_s": args.batches / wall,
             "cpu_s_per_1k": 1000 * cpu / images, "peak_rss_mb": peak / 2 ** 20,
-            "pss_mb": pss / 2 ** 20, "warmup_s": warm - start}
+            "pss_mb": pss / 2 ** 20, "warmup_s": warm - start, "first_batch_s": first_batch_s}
 
 
 def _build_row(args, loader, negatives, device):
@@ -261,12 +287,30 @@ def _build_row(args, loader, negatives, device):
                               seed=args.seed, patch_range=scaled_patch_range(args.size),
                               texture_files=textures)
         return published_batches(dl, device)
+    if negatives == LOADER_ONLY:
+        return _loader_batches(build_loader_for(args, loader, device))
     textures = None
     if negatives == "texture":
         textures = benchmark_textures(Path(args.workdir) / "bank.npy", args.data, device)
     return FastnegBatches(loader, args.source or args.data, batch_size=args.batch_size,
                           size=args.size, device=device, workers=args.workers,
                           negatives=negatives, textures=textures, seed=args.seed)
+
+
+def build_loader_for(args, kind, device):
+    from fastneg.loaders import build_loader
+    return build_loader(kind, str(args.source or args.data), batch_size=args.batch_size,
+                        size=args.size, device=str(device), seed=args.seed, workers=args.workers)
+
+
+def _loader_batches(loader):
+    """Endless bare loader batches (the two uint8 views), epoch after epoch."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch.views
+        epoch += 1
 
 
 def _sync(device):
@@ -288,8 +332,9 @@ def _last_line(text: str) -> str:
 def _record(loader, negatives, device, **fields) -> dict:
     rec = {"loader": loader, "negatives": negatives, "device": device, "img_per_s": None,
            "batches_per_s": None, "cpu_s_per_1k": None, "peak_rss_mb": None,
-           "pss_mb": None, "ratio_vs_baseline": None, "warmup_s": None, "status": "failed",
-           "reason": ""}
+           "pss_mb": None, "ratio_vs_baseline": None, "warmup_s": None, "first_batch_s": None,
+           "loader_img_per_s": None, "of_loader": None, "first_batch_cold_s": None,
+           "first_batch_warm_s": None, "status": "failed", "reason": ""}
     rec.update(fields)
     return rec
 
@@ -306,7 +351,8 @@ def run_rows(args, rows, device: str, workdir: Path, sources: dict, unavailable:
         else:
             rec = _run_child(args, loader, negatives, device, workdir, sources.get(loader))
         records.append(rec)
-        shown = (f"{rec['img_per_s']:.1f} img/s (warm-up {rec['warmup_s']:.1f} s)"
+        shown = (f"{rec['img_per_s']:.1f} img/s (warm-up {rec['warmup_s']:.1f} s, first batch "
+                 f"{rec['first_batch_s']:.1f} s)"
                  if rec["status"] == "ok" else f"{rec['status']}: {rec['reason']}")
         print(f"{label}: {shown}", file=sys.stderr, flush=True)
     return records
@@ -322,8 +368,11 @@ def row_environment() -> dict:
     return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-def _run_child(args, loader, negatives, device, workdir, source) -> dict:
-    record_path = workdir / f"record-{loader}-{negatives}.json"
+def _run_child(args, loader, negatives, device, workdir, source, *, numba_cache=None,
+               tag="") -> dict:
+    """One row in a fresh process; numba_cache: its NUMBA_CACHE_DIR, and only its first batch
+    is measured (a start-up probe)."""
+    record_path = workdir / f"record-{loader}-{negatives}{tag}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--row", f"{loader}:{negatives}",
            "--data", str(args.data), "--device", device, "--batch-size", str(args.batch_size),
            "--batches", str(args.batches), "--warmup", str(args.warmup), "--size", str(args.size),
@@ -333,9 +382,13 @@ def _run_child(args, loader, negatives, device, workdir, source) -> dict:
         cmd += ["--workers", str(args.workers)]
     if source is not None:
         cmd += ["--source", str(source)]
+    env = row_environment()
+    if numba_cache is not None:
+        cmd += ["--first-batch-only"]
+        env["NUMBA_CACHE_DIR"] = str(numba_cache)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout,
-                              env=row_environment())
+                              env=env)
     except subprocess.TimeoutExpired:
         return _record(loader, negatives, device,
                        reason=f"timed out after {args.row_timeout:.0f} s (--row-timeout)")
@@ -343,6 +396,102 @@ def _run_child(args, loader, negatives, device, workdir, source) -> dict:
         return _record(loader, negatives, device,
                        reason=f"exit {done.returncode}: {_last_line(done.stderr)}")
     return json.loads(record_path.read_text())
+
+
+def measure_startup(args, loaders, negatives, device, workdir, sources, unavailable) -> dict:
+    """{loader: (cold s, warm s)}: process start -> first finished batch, twice, in fresh
+    processes sharing an empty Numba cache (NUMBA_CACHE_DIR); the second loads the kernels the
+    first compiled. Loaders that are unavailable or fail are left out."""
+    times = {}
+    for loader in loaders:
+        if loader in unavailable:
+            continue
+        cache = workdir / f"numba-cache-{loader}"
+        runs = [_run_child(args, loader, negatives, device, workdir, sources.get(loader),
+                           numba_cache=cache, tag=f"-{phase}") for phase in ("cold", "warm")]
+        if all(r["status"] == "ok" for r in runs):
+            times[loader] = tuple(r["first_batch_s"] for r in runs)
+            print(f"start-up {loader}/{negatives}: first batch {times[loader][0]:.1f} s cold, "
+                  f"{times[loader][1]:.1f} s warm", file=sys.stderr, flush=True)
+    return times
+
+
+def add_loader_rates(records: list, startup: dict, startup_negatives) -> list:
+    """Fold the loader-only rows into the other rows of their loader (columns loader_img_per_s,
+    of_loader) and the start-up probes into the probed rows; returns the rows without the
+    loader-only ones."""
+    bare = {r["loader"]: r["img_per_s"] for r in records
+            if r["negatives"] == LOADER_ONLY and r["status"] == "ok"}
+    kept = [r for r in records if r["negatives"] != LOADER_ONLY]
+    for r in kept:
+        if r["loader"] in bare:
+            r["loader_img_per_s"] = bare[r["loader"]]
+            if r["status"] == "ok":
+                r["of_loader"] = r["img_per_s"] / bare[r["loader"]]
+        if r["loader"] in startup and r["negatives"] == startup_negatives:
+            r["first_batch_cold_s"], r["first_batch_warm_s"] = startup[r["loader"]]
+    return kept
+
+
+def patch_vs_copy(batch_size: int, size: int, device: str, repeats: int = 15) -> dict:
+    """{"float32 NCHW": f, "uint8 NHWC": f}: patch_negatives into a preallocated output, as a
+    fraction of out.copy_(x)'s speed on the same tensor, measured in alternation in this process
+    (benchmarks/kernels.py has the full comparison)."""
+    import torch
+    from kernels import alternate
+
+    from fastneg.kernels import patch_negatives
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"float32 NCHW": ((batch_size, 3, size, size), torch.float32, "nchw"),
+              "uint8 NHWC": ((batch_size, size, size, 3), torch.uint8, "nhwc")}
+    fractions = {}
+    for name, (shape, dtype, layout) in shapes.items():
+        x = torch.randint(0, 256, shape, generator=gen).to(dtype).to(dev)
+        out = torch.empty_like(x)
+        pair = (lambda: patch_negatives(x, layout=layout, patch_range=scaled_patch_range(size),
+                                        seed=0, out=out),
+                lambda: out.copy_(x))
+        inner = max(1, (64 << 20) // (2 * x.nbytes))     # ~64 MB moved per timing
+        patch_s, copy_s = alternate(pair, dev, repeats, inner)
+        fractions[name] = copy_s / patch_s
+    return fractions
+
+
+def goals_line(records: list, copy: dict | None, startup: dict) -> str:
+    """The CPU goals, each PASS/FAIL with the figures behind it ("n/a" when not measured)."""
+    patch = [r for r in records if r["negatives"] == "patch" and r["loader"] != BASELINE
+             and r["status"] == "ok"]
+    both = [r for r in patch if r["of_loader"] is not None and r["ratio_vs_baseline"] is not None]
+    parts = []
+    if both:
+        best = max(both, key=lambda r: min(r["of_loader"] / GOAL_OF_LOADER,
+                                           r["ratio_vs_baseline"] / GOAL_VS_BASELINE))
+        ok = best["of_loader"] >= GOAL_OF_LOADER and best["ratio_vs_baseline"] >= GOAL_VS_BASELINE
+        detail = ", ".join(f"{r['loader']} {r['of_loader']:.0%} {r['ratio_vs_baseline']:.2f}x"
+                           for r in both)
+        parts.append(f"patch-NS path >= {GOAL_OF_LOADER:.0%} of loader-only and >= "
+                     f"{GOAL_VS_BASELINE:g}x published, one loader: {_verdict(ok)} ({detail})")
+    else:
+        parts.append("patch-NS path vs loader-only and published: n/a (needs --negatives patch "
+                     "and a fastneg loader that ran)")
+    if copy:
+        ok = min(copy.values()) >= GOAL_OF_COPY
+        detail = ", ".join(f"{k} {v:.0%}" for k, v in copy.items())
+        parts.append(f"patch NS >= {GOAL_OF_COPY:.0%} of copy: {_verdict(ok)} ({detail})")
+    else:
+        parts.append("patch NS vs copy: n/a")
+    if startup:
+        ok = max(w for _, w in startup.values()) <= GOAL_WARM_START_S
+        detail = ", ".join(f"{k} {c:.1f} s cold / {w:.1f} s warm" for k, (c, w) in startup.items())
+        parts.append(f"warm first batch <= {GOAL_WARM_START_S:g} s: {_verdict(ok)} ({detail})")
+    else:
+        parts.append("warm first batch: n/a")
+    return "# goals: " + "; ".join(parts)
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def add_ratios(records: list) -> None:
@@ -355,8 +504,9 @@ def add_ratios(records: list) -> None:
 
 
 def format_table(records: list) -> str:
-    head = ("loader", "negatives", "device", "img/s", "batch/s", "x baseline", "CPU s/1k img",
-            "peak RSS MB", "PSS MB", "warm-up s", "note")
+    head = ("loader", "negatives", "device", "img/s", "batch/s", "x baseline", "loader img/s",
+            "of loader", "CPU s/1k img", "peak RSS MB", "PSS MB", "warm-up s", "1st batch s",
+            "cold s", "warm s", "note")
     rows = []
     for r in records:
         ok = r["status"] == "ok"
@@ -365,11 +515,13 @@ def format_table(records: list) -> str:
             return format(r[key], fmt) if ok and r[key] is not None else "-"
         rows.append((r["loader"], r["negatives"], r["device"], num("img_per_s", ".1f"),
                      num("batches_per_s", ".2f"), num("ratio_vs_baseline", ".2f"),
+                     num("loader_img_per_s", ".1f"), num("of_loader", ".0%"),
                      num("cpu_s_per_1k", ".1f"), num("peak_rss_mb", ".0f"),
-                     num("pss_mb", ".0f"), num("warmup_s", ".1f"),
+                     num("pss_mb", ".0f"), num("warmup_s", ".1f"), num("first_batch_s", ".1f"),
+                     num("first_batch_cold_s", ".1f"), num("first_batch_warm_s", ".1f"),
                      "" if ok else f"{r['status']}: {r['reason']}"))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    numeric = range(3, 10)
+    numeric = range(3, 15)
 
     def line(cells):
         return "  ".join(str(c).rjust(w) if i in numeric else str(c).ljust(w)
@@ -433,15 +585,24 @@ def resolve_device(name: str | None) -> str:
     return str(dev)
 
 
-def default_data() -> Path:
+def default_data(synthetic: bool = False) -> Path:
+    """The default dataset's train folder, generated on first use (photos, or --synthetic)."""
+    if not synthetic:
+        from fastneg.data.photos import make_photos
+        train = DEFAULT_DATA / "train"
+        if not train.is_dir():     # written whole or not at all (fastneg.data.staging)
+            print(f"generating the benchmark photos in {DEFAULT_DATA} (once), like: fastneg "
+                  f"make-data --photos --out {DEFAULT_DATA}", file=sys.stderr, flush=True)
+            make_photos(DEFAULT_DATA, force=True)
+        return train
     from fastneg.data.synthetic import DatasetSpec, make_dataset
-    train = DEFAULT_DATA / "train"
+    train = SYNTHETIC_DATA / "train"
     if not (train / "metadata.csv").exists():
-        print(f"generating the benchmark dataset in {DEFAULT_DATA} (once), like: fastneg "
-              f"make-data --out {DEFAULT_DATA} --imagenet-like --images-per-class "
+        print(f"generating the benchmark dataset in {SYNTHETIC_DATA} (once), like: fastneg "
+              f"make-data --out {SYNTHETIC_DATA} --imagenet-like --images-per-class "
               f"{DEFAULT_IMAGES_PER_CLASS}", file=sys.stderr, flush=True)
-        make_dataset(DEFAULT_DATA, DatasetSpec(images_per_class=DEFAULT_IMAGES_PER_CLASS,
-                                               imagenet_like=True), force=True)
+        make_dataset(SYNTHETIC_DATA, DatasetSpec(images_per_class=DEFAULT_IMAGES_PER_CLASS,
+                                                 imagenet_like=True), force=True)
     return train
 
 
@@ -475,7 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Finished training batches per second of every fastneg loader x negatives, "
                     "as a ratio to the published code's data path, measured in the same run.")
     p.add_argument("--data", type=Path, default=None,
-                   help="ImageFolder root (default: data/imagenet-like/train, generated once)")
+                   help="ImageFolder root (default: data/photos/train, photos generated once)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="without --data: the synthetic ImageNet-like set (data/imagenet-like) "
+                        "instead of the photos")
+    p.add_argument("--no-goals", action="store_true",
+                   help="skip the start-up probes and the copy comparison (and the goals line)")
     p.add_argument("--loaders", type=comma_list(LOADERS), default=list(LOADERS),
                    help=f"comma list of {', '.join(LOADERS)} (default: all)")
     p.add_argument("--negatives", type=comma_list(NEGATIVES), default=list(NEGATIVES),
@@ -483,8 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=64, help="images per batch (default 64)")
     p.add_argument("--batches", type=positive, default=8,
                    help="measured batches per row (default 8)")
-    p.add_argument("--warmup", type=non_negative, default=2,
-                   help="warm-up batches per row, timed apart (default 2)")
+    p.add_argument("--warmup", type=positive, default=2,
+                   help="warm-up batches per row, timed apart, the first batch included "
+                        "(default 2)")
     p.add_argument("--size", type=positive, default=PAPER_SIZE,
                    help="training resolution (default 224)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
@@ -500,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("--row", "--workdir", "--record", "--source"):
         p.add_argument(name, default=None, help=argparse.SUPPRESS)
     p.add_argument("--baseline-workers", type=non_negative, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--first-batch-only", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -518,8 +686,10 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"output folder {out.parent} does not exist")
         if args.plot is not None and args.plot.suffix.lower() != ".png":
             raise ValueError(f"--plot must name a .png file, got {args.plot}")
+        if args.synthetic and args.data is not None:
+            raise ValueError("--synthetic picks the default data: give it or --data, not both")
         if args.data is None:
-            args.data = default_data()
+            args.data = default_data(args.synthetic)
         from fastneg.data.imagefolder import scan_image_folder
         images = len(scan_image_folder(args.data))
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
@@ -545,7 +715,17 @@ def main(argv=None) -> int:
                 sources["ffcv"] = prepare_ffcv(args.data, args.row_timeout)
             except RuntimeError as e:
                 unavailable["ffcv"] = str(e)
+        rows += [(k, LOADER_ONLY) for k in args.loaders]
         records = run_rows(args, rows, device, workdir, sources, unavailable)
+        probe = "patch" if "patch" in args.negatives else args.negatives[0]
+        startup, copy = {}, None
+        if not args.no_goals:
+            startup = measure_startup(args, args.loaders, probe, device, workdir, sources,
+                                      unavailable)
+    if not args.no_goals:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))   # benchmarks/kernels.py
+        copy = patch_vs_copy(args.batch_size, args.size, device)
+    records = add_loader_rates(records, startup, probe)
     add_ratios(records)
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=2) + "\n")
@@ -554,6 +734,8 @@ def main(argv=None) -> int:
     print(f"# fastneg throughput, {datetime.date.today().isoformat()}: {title}")
     print(f"# command: python benchmarks/throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
     print(format_table(records))
+    if not args.no_goals:
+        print(goals_line(records, copy, startup))
     return 0
 
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from fastneg.kernels import rng
 from fastneg.kernels.augment_ops import (CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, LUMA,
                                          SATURATION)
+from fastneg.kernels.jit import cached_njit
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLUR_KERNEL_FRACTION = 0.1               # kernel ~10% of the side (SimCLR / MoCo-v2: 23 at 224)
 
@@ -100,7 +101,7 @@ def _coin(seed, step, sample, slot, p):
     return 1.0 if rng.uniform_cpu(seed, step, sample, slot) < p else 0.0
 
 
-@numba.njit(cache=False)
+@cached_njit()
 def _draw(seed, step, first, slot0, flip_p, jitter_p, gray_p, blur_p, lo, hi, out):
     """Fill out [N, _COLUMNS]; lo/hi: ranges of brightness, contrast, saturation, hue, sigma."""
     for row in range(out.shape[0]):

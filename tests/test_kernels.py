@@ -4,6 +4,7 @@ The CUDA kernels under Numba's simulator are in test_kernels_cudasim.py.
 """
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +344,40 @@ def test_cuda_textures_equal_cpu():
     assert torch.equal(sample_textures(bank_gpu, ids_gpu, size=33, seed=8, step=2).cpu(), want)
     with pytest.raises(ValueError, match="ids"):
         sample_textures(bank_gpu, torch.tensor([4], device="cuda"), size=8, seed=0)
+
+
+# ----------------------------------------------------------------- the kernel cache (kernels.jit)
+
+_CACHED_MODULE = """
+import dep
+from fastneg.kernels.jit import cached_njit
+
+@cached_njit(depends=(dep,))
+def value():
+    return dep.VALUE
+
+print(value(), value.stats.cache_hits.get(value.signatures[0], 0))
+"""
+
+
+def test_kernel_cache_is_reused_and_follows_its_dependencies(tmp_path):
+    """A second process loads the compiled function from disk; an edit in a file the function
+    only inlines from (a `depends` module) makes the next process compile it anew."""
+    (tmp_path / "mod.py").write_text(_CACHED_MODULE)
+    (tmp_path / "dep.py").write_text("VALUE = 1\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": f"{tmp_path}:{root}", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def run():
+        done = subprocess.run([sys.executable, str(tmp_path / "mod.py")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        value, hits = done.stdout.split()
+        return int(value), int(hits)
+
+    assert run() == (1, 0)       # compiled and saved
+    assert run() == (1, 1)       # loaded from the cache
+    (tmp_path / "dep.py").write_text("VALUE = 22\n")
+    assert run() == (22, 0)      # the dependency changed: compiled again, not the stale 1
+    assert run() == (22, 1)

@@ -15,6 +15,7 @@ import numba
 import numpy as np
 
 from fastneg.kernels import rng
+from fastneg.kernels.jit import cached_njit
 
 ATTEMPTS = 10
 SLOTS_PER_BOX = 2 * ATTEMPTS + 2   # (area, ratio) per attempt, then (top, left)
@@ -67,7 +68,7 @@ def rrc_box_cuda():
     return _compile(rng.cuda_device_jit(), uniform, randint)
 
 
-@numba.njit(cache=False)
+@cached_njit()
 def _rrc_boxes(seed, step, samples, heights, widths, slot0, scale_lo, scale_hi, logr_lo, logr_hi,
                out):
     for i in range(samples.shape[0]):

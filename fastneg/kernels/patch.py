@@ -39,6 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastneg.kernels import rng
+from fastneg.kernels.jit import cached_njit
 
 LAYOUTS = ("nchw", "nhwc")
 MODES = ("sample", "permute")
@@ -89,7 +90,7 @@ _draw_tiles_cpu = numba.njit(inline="always")(
     rng._rebind(_draw_tiles, {"_randint": rng.randint_cpu}))
 
 
-@numba.njit(cache=False)
+@cached_njit()
 def _draw_all_cpu(seed, step, h, w, lo, hi, permute, tiles, sizes):
     for i in range(sizes.shape[0]):
         sizes[i] = _draw_tiles_cpu(seed, step, i, h, w, lo, hi, permute, tiles[i])
@@ -125,9 +126,7 @@ def _copy_bytes(typingctx, dst, dst_start, src, src_start, count):
     return types.void(dst, types.intp, src, types.intp, types.intp), codegen
 
 
-# cache=False: the kernels inline rng functions from another file, which Numba's cache would not
-# notice changing.
-@numba.njit(parallel=True, cache=False)
+@cached_njit(parallel=True)
 def _patch_cpu(src, out, tiles, sizes, seed, step, planes, h, w, q, lo, hi, permute):
     """src, out: flat uint8 memory of [N, P, H, W * q] (q = bytes per pixel within a row)."""
     n = sizes.shape[0]

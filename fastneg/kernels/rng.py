@@ -28,6 +28,7 @@ STREAM_TEXSYN = 6     # fastneg.texture synthesis
 STREAM_DATA = 7       # fastneg.data synthetic dataset
 STREAM_CORRUPT = 8    # fastneg.eval.corrupt corruptions
 STREAM_SHUFFLE_BN = 9  # fastneg.moco shuffle-BN permutation
+STREAM_PHOTOS = 10    # fastneg.data.photos crops
 
 SLOT_BITS = 20        # up to ~1M draws per (stream, sample)
 COUNTER_LIMIT = 2 ** 63   # seed, step, sample and slot are integers in [0, COUNTER_LIMIT)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from fastneg.kernels import crop, rng
+from fastneg.kernels.jit import cached_njit
 from fastneg.kernels.patch import overlaps
 
 SLOT_BOX = rng.slot(rng.STREAM_TEXTURE, 0)
@@ -93,9 +94,7 @@ _draw_params_cpu, _tap_cpu, _divide_cpu, _ = _compile_helpers(
     numba.njit(inline="always"), rng.uniform_cpu, crop.rrc_box_cpu)
 
 
-# cache=False: the kernels inline rng/crop functions from other files, which Numba's cache
-# would not notice changing.
-@numba.njit(parallel=True, cache=False)
+@cached_njit(parallel=True)
 def _textures_cpu(bank, ids, out, params, taps, mixed, seed, step, scale_lo, scale_hi, logr_lo,
                   logr_hi, magic, shift):
     """Scratch: taps int64 [N, size, 3] (per output column: the two source offsets in a row and
@@ -133,7 +132,7 @@ def _textures_cpu(bank, ids, out, params, taps, mixed, seed, step, scale_lo, sca
                         (den - wx) * mixed[i, a0 + c] + wx * mixed[i, a1 + c] + half, magic, shift)
 
 
-@numba.njit(cache=False)
+@cached_njit()
 def _draw_all_cpu(seed, step, h, w, scale_lo, scale_hi, logr_lo, logr_hi, params):
     for i in range(params.shape[0]):
         _draw_params_cpu(seed, step, i, h, w, scale_lo, scale_hi, logr_lo, logr_hi, params[i])

@@ -32,6 +32,7 @@ from fastneg.kernels import crop, rng, textures
 TEXTURE_SCALE = (0.2, 1.0)
 TEXTURE_RATIO = (3 / 4, 4 / 3)
 MAX_DEFAULT_WORKERS = 12   # decode threads per rank beyond this rarely pay (see default_workers)
+from fastneg.kernels.jit import cached_njit
 
 log = logging.getLogger("fastneg.loaders")
 
@@ -121,7 +122,7 @@ def checked_image_folder(root, cfg: LoaderConfig) -> FileCheck:
 
 # ----------------------------------------------------------------- order and shards
 
-@numba.njit(cache=False)
+@cached_njit()
 def _shuffle_keys(seed, epoch, indices, slot, out):
     for k in range(indices.shape[0]):
         out[k] = rng.mix_cpu(seed, epoch, indices[k], slot)
@@ -212,7 +213,7 @@ def crop_boxes(cfg: LoaderConfig, epoch: int, indices, heights, widths, view: in
 
 # ----------------------------------------------------------------- textures (a third view)
 
-@numba.njit(cache=False)
+@cached_njit()
 def _texture_params(seed, epoch, indices, h, w, scale_lo, scale_hi, logr_lo, logr_hi, out):
     for k in range(indices.shape[0]):
         textures._draw_params_cpu(seed, epoch, indices[k], h, w, scale_lo, scale_hi, logr_lo,

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from fastneg.kernels import rng
+from fastneg.kernels.jit import cached_njit
 
 PAPER_EXEMPLAR = 96
 PAPER_SIZE = 224
@@ -155,8 +156,7 @@ def _overlap_errors(sizes, energy, corr, t2, block, ov, has_left, has_top, error
     return best
 
 
-# Not cached: it inlines fastneg.kernels.rng, and Numba's cache would not notice a change there.
-@numba.njit(cache=False)
+@cached_njit()   # inlines fastneg.kernels.rng: the cache key covers it
 def _place_block(canvas, ex, errors, threshold, py, px, block, ov, has_left, has_top,
                  seed, sample, draw_slot, placement):
     """Draw one window among those with errors <= threshold, then cut and paste it at (py, px).
