@@ -73,7 +73,7 @@ PAPER_SIZE, PAPER_PATCH_RANGE = 224, (16, 72)
 # checkpoint's args on --resume, then flags given on the command line.
 DEFAULTS = dict(loader="dali", negatives="patch", alpha=2.0, patch_range=None, texture_bank=None,
                 cifar_stem=False, crop_scale=[0.2, 1.0], lr=0.06, wd=1e-4, epochs=30, warmup_epochs=1, moco_k=1024,
-                moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn="shuffle",
+                moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn=None, bn_splits=4,
                 channels_last=True, seed=0, save_every=10, log_every=10, workers=None,
                 compile=False, max_steps=None, eval=False)
 DEVICE_DEFAULTS = {
@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--moco-t", "softmax temperature", type=float)
     a("--dim", "feature dimension", type=int)
     a("--mlp-hidden", "hidden width of the MLP head", type=int)
-    a("--bn", "BatchNorm treatment of keys and NS across ranks", choices=BN_MODES)
+    a("--bn", "BatchNorm treatment of keys and NS: split (one process: BatchNorm over "
+      "--bn-splits sub-batches, keys shuffled across them), shuffle (across processes) or sync "
+      "(default split in one process, shuffle in several)", choices=BN_MODES)
+    a("--bn-splits", "sub-batches of --bn split", type=int)
     a("--device", "device (default: cuda when available)", choices=("cpu", "cuda"))
     a("--precision", "autocast dtype", choices=sorted(PRECISIONS))
     a("--channels-last", "channels_last memory for images and model",
@@ -184,6 +187,8 @@ def resolve_args(parser, argv=None):
     merged = {**DEFAULTS, **DEVICE_DEFAULTS[device], **preset, **resumed, **explicit,
               "device": device}
     args = argparse.Namespace(**{**vars(args), **merged})
+    if args.bn is None:
+        args.bn = "split" if int(os.environ.get("WORLD_SIZE", 1)) == 1 else "shuffle"
     if args.patch_range is None:
         args.patch_range = [max(2, round(v * args.size / PAPER_SIZE)) for v in PAPER_PATCH_RANGE]
     args.patch_range = list(args.patch_range)
@@ -214,7 +219,11 @@ def check_args(parser, args, world):
     if args.bn == "sync" and args.device == "cpu" and world > 1:
         parser.error("--bn sync needs GPUs (torch's SyncBatchNorm has no CPU implementation); "
                      "use --bn shuffle")
-    for name in ("epochs", "size", "batch_size", "log_every", "save_every"):
+    if args.bn == "split" and (world > 1 or (args.batch_size // world) % args.bn_splits):
+        parser.error(f"--bn split needs one process and a batch divisible by --bn-splits "
+                     f"{args.bn_splits} (got {world} processes, batch {args.batch_size}); "
+                     "use --bn shuffle across processes")
+    for name in ("epochs", "size", "batch_size", "log_every", "save_every", "bn_splits"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup_epochs < 0 or args.lr <= 0:
