@@ -496,14 +496,18 @@ def main(argv=None):
             "final_loss": final_loss, "world_size": world, "device": str(device),
             "checkpoint": str(out / "checkpoint.pt"), "args": saved_args,
         }
-        if args.eval:
+        if args.eval:   # corruptions are left to `fastneg eval`: they take longer than this
             from fastneg.eval import evaluate_checkpoint
             summary["eval"] = evaluate_checkpoint(out / "checkpoint.pt", root,
-                                                  device=str(device))
+                                                  device=str(device), corruptions=())
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(json.dumps({k: v for k, v in summary.items() if k != "args"}, indent=2,
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("args", "eval")}, indent=2,
                          default=str), flush=True)
-        if not args.eval:
+        if args.eval:
+            from fastneg.eval.report import summary_table
+            print(f"\nwhat was learned ({root}; linear probe on frozen features):\n"
+                  f"{summary_table(summary['eval'])}", flush=True)
+        else:
             print(f"evaluate with: fastneg eval {out / 'checkpoint.pt'} --data {root}", flush=True)
         log_file.close()
         if writer is not None:
