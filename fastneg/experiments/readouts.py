@@ -56,7 +56,7 @@ METRICS = (
     ("readout_texture", "texture read-out", -1),
     ("scramble", "scramble similarity", -1),
     ("shape_bias", "shape bias (conflict)", +1),
-    ("linear_val", "val top-1 (in domain)", -1),
+    ("linear_val", "val top-1 (in domain)", -1),   # the in-domain cost (alpha 3: predicted)
     ("linear_conflict", "conflict top-1", +1),
     ("linear_outline", "outline top-1", +1),
 )
@@ -169,6 +169,8 @@ def collect(jobs: list[Job]) -> dict:
             ref = metrics_of(ev["untrained"], ro["untrained"])
             out["untrained"] = {"title": "untrained (reference)", "seeds": [None],
                                 "train_s": [None], **{k: [v] for k, v in ref.items()}}
+    if "untrained" in out:   # the reference goes last in tables and plots
+        out["untrained"] = out.pop("untrained")
     return out
 
 
