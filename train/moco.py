@@ -219,11 +219,13 @@ def check_args(parser, args, world):
     if args.bn == "sync" and args.device == "cpu" and world > 1:
         parser.error("--bn sync needs GPUs (torch's SyncBatchNorm has no CPU implementation); "
                      "use --bn shuffle")
+    if args.bn_splits < 1:
+        parser.error(f"--bn-splits must be >= 1, got {args.bn_splits}")
     if args.bn == "split" and (world > 1 or (args.batch_size // world) % args.bn_splits):
         parser.error(f"--bn split needs one process and a batch divisible by --bn-splits "
                      f"{args.bn_splits} (got {world} processes, batch {args.batch_size}); "
                      "use --bn shuffle across processes")
-    for name in ("epochs", "size", "batch_size", "log_every", "save_every", "bn_splits"):
+    for name in ("epochs", "size", "batch_size", "log_every", "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup_epochs < 0 or args.lr <= 0:
