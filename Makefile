@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 train: $(STAMP)
-	$(BIN)/torchrun --standalone --nproc_per_node=1 train/moco.py --loader dali
+	$(BIN)/torchrun --standalone --nproc_per_node=1 train/moco.py --loader dali --eval
 
 # Two pytest processes: Numba's CUDA simulator must be switched on before numba is imported.
 test: $(STAMP)

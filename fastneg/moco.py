@@ -26,7 +26,7 @@ from torchvision.models.resnet import BasicBlock
 
 from fastneg.kernels import rng
 
-BN_MODES = ("shuffle", "sync")
+BN_MODES = ("split", "shuffle", "sync")
 SMALL_ARCHS = {
     # name: (blocks per stage, stage widths). Narrow BasicBlock ResNets for CPU training.
     "resnet10s": ((1, 1, 1, 1), (32, 64, 128, 256)),
@@ -137,6 +137,54 @@ class Encoder(nn.Module):
         return self.head(self.backbone(x))
 
 
+# ---------------------------------------------------------------- split BatchNorm
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that, in training, normalizes G interleaved sub-batches separately.
+
+    Sample n belongs to group n % G; each group gets its own batch statistics (as G processes
+    would), and the running statistics are the mean over the groups. In eval mode, and in its
+    state dict, it is a plain BatchNorm2d, so its weights load into an unsplit network.
+    Needs a batch divisible by G. G = 1 computes exactly what BatchNorm2d does.
+    """
+
+    def __init__(self, num_features, groups, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if groups < 1:
+            raise ValueError(f"BatchNorm groups must be >= 1, got {groups}")
+        self.groups = groups
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        g = self.groups
+        if n % g:
+            raise ValueError(f"split BatchNorm: batch {n} is not divisible by {g} groups")
+        # [N, C, H, W] -> [N / G, G * C, H, W]: channel j * C + c of row i is sample i * G + j.
+        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
+        y = F.batch_norm(x.reshape(n // g, g * c, h, w), mean, var, self.weight.repeat(g),
+                         self.bias.repeat(g), True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(g, c).mean(0))
+            self.running_var.copy_(var.view(g, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return y.reshape(n, c, h, w)
+
+
+def split_batchnorm(module: nn.Module, groups: int) -> nn.Module:
+    """`module` with every BatchNorm2d replaced by a SplitBatchNorm of `groups` (same weights)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = SplitBatchNorm(child.num_features, groups, eps=child.eps,
+                                 momentum=child.momentum)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            split_batchnorm(child, groups)
+    return module
+
+
 # ---------------------------------------------------------------- distributed helpers
 
 def _world() -> int:
@@ -182,12 +230,14 @@ class MoCo(nn.Module):
     """MoCo-v2 with a momentum key encoder, a queue of K keys and non-semantic negatives.
 
     bn: "shuffle" (keys and NS are encoded in a random permutation of the global batch, so
-    BatchNorm statistics cannot leak which key belongs to which query; a no-op in one process)
-    or "sync" (SyncBatchNorm in both encoders; torch implements it for GPUs only).
+    BatchNorm statistics cannot leak which key belongs to which query; a no-op in one process),
+    "split" (one process: BatchNorm over `bn_splits` sub-batches in both encoders, keys and NS
+    encoded in a random permutation of the batch, as MoCo's CIFAR demo does) or "sync"
+    (SyncBatchNorm in both encoders; torch implements it for GPUs only).
     """
 
     def __init__(self, arch="resnet50", dim=128, K=16384, m=0.999, T=0.2, alpha=2.0,
-                 mlp_hidden=2048, cifar_stem=False, bn="shuffle", seed=0):
+                 mlp_hidden=2048, cifar_stem=False, bn="shuffle", seed=0, bn_splits=4):
         super().__init__()
         if bn not in BN_MODES:
             raise ValueError(f"unknown bn mode {bn!r}; choose from {', '.join(BN_MODES)}")
@@ -199,6 +249,9 @@ class MoCo(nn.Module):
         self.encoder_k = copy.deepcopy(self.encoder_q)   # starts equal to the query encoder
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
+        if bn == "split":
+            split_batchnorm(self.encoder_q, bn_splits)
+            split_batchnorm(self.encoder_k, bn_splits)
         if bn == "sync":
             self.encoder_q = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_q)
             self.encoder_k = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder_k)
@@ -222,6 +275,13 @@ class MoCo(nn.Module):
     def encode_momentum(self, x, step=0):
         """Normalized key-encoder features of x, with shuffle-BN across ranks when bn="shuffle"."""
         world = _world()
+        if self.bn == "split":
+            if world > 1:
+                raise ValueError("bn='split' is for one process; use 'shuffle' across processes")
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(self.seed * 2 ** 32 + step)
+            perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
+            return F.normalize(self.encoder_k(x[perm]), dim=1)[torch.argsort(perm)]
         if self.bn == "sync" or world == 1:
             return F.normalize(self.encoder_k(x), dim=1)
         n, rank = x.shape[0], dist.get_rank()
@@ -274,7 +334,8 @@ def build_model(args: dict) -> MoCo:
     return MoCo(arch=args["arch"], dim=args["dim"], K=args["moco_k"], m=args["moco_m"],
                 T=args["moco_t"], alpha=args.get("alpha", 2.0),
                 mlp_hidden=args.get("mlp_hidden", 2048), cifar_stem=args.get("cifar_stem", False),
-                bn=args.get("bn", "shuffle"), seed=args.get("seed", 0))
+                bn=args.get("bn", "shuffle"), seed=args.get("seed", 0),
+                bn_splits=args.get("bn_splits", 4))
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:

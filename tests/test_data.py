@@ -152,3 +152,65 @@ def test_atomic_file_swaps_in_whole_files_only(tmp_path):
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]   # no temporary left
+
+
+def chi_squared_independence(a, b) -> tuple[float, int]:
+    """Pearson's chi-squared statistic of the contingency table of two label arrays, and its
+    degrees of freedom."""
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((len(ua), len(ub)))
+    np.add.at(table, (ia, ib), 1)
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum()), (len(ua) - 1) * (len(ub) - 1)
+
+
+# Upper 0.1% points of the chi-squared distribution (scipy.stats.chi2.isf(0.001, df)).
+CHI2_CRITICAL_0001 = {3: 16.27, 9: 27.88, 27: 55.48, 81: 126.08}
+
+
+def test_chi_squared_detects_dependence():
+    rng = np.random.default_rng(0)
+    a = rng.integers(10, size=3000)
+    dependent = np.where(rng.random(3000) < 0.3, a, rng.integers(10, size=3000))
+    assert chi_squared_independence(a, dependent)[0] > CHI2_CRITICAL_0001[81]
+
+
+def test_independent_factors_are_independent_and_uniform(tmp_path):
+    root = make_dataset(tmp_path / "ind", DatasetSpec(images_per_class=80, size=24, seed=5,
+                                                      colour="palette", independent=True),
+                        progress=False)
+    rows = read_metadata(root / "train")
+    shape = [r["label"] for r in rows]
+    texture = [r["texture_class"] for r in rows]
+    colour = [r["colour"] for r in rows]
+    assert set(colour) == {"red", "green", "blue", "yellow"}
+    for a, b in ((shape, texture), (shape, colour), (texture, colour)):
+        stat, df = chi_squared_independence(a, b)
+        assert stat < CHI2_CRITICAL_0001[df], (stat, df)
+    for factor, k in ((texture, 10), (colour, 4)):   # uniform: goodness of fit
+        counts = np.bincount(np.unique(factor, return_inverse=True)[1])
+        expected = len(factor) / k
+        stat = float(((counts - expected) ** 2 / expected).sum())
+        assert len(counts) == k and stat < CHI2_CRITICAL_0001[k - 1], counts
+    # The default design keeps the shortcut: texture follows the shape.
+    dep = make_dataset(tmp_path / "dep", DatasetSpec(images_per_class=30, size=24, seed=5),
+                       progress=False)
+    rows = read_metadata(dep / "train")
+    stat, df = chi_squared_independence([r["label"] for r in rows],
+                                        [r["texture_class"] for r in rows])
+    assert stat > CHI2_CRITICAL_0001[df]
+
+
+def test_grey_default_has_no_colour_and_few_levels(shapes):
+    img = np.asarray(Image.open(sorted((shapes / "train").rglob("*.jpg"))[0]), np.int16)
+    spread = np.abs(img - img.mean(2, keepdims=True)).max()
+    assert spread < 25, spread   # grey up to JPEG chroma error and sensor noise
+    assert {r["colour"] for r in read_metadata(shapes / "train")} == {"grey"}
+
+
+def test_unknown_colour_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="colour mode"):
+        make_dataset(tmp_path / "x", DatasetSpec(images_per_class=1, size=16, colour="pink"),
+                     progress=False)
+    assert not (tmp_path / "x").exists()

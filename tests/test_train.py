@@ -142,3 +142,19 @@ def test_loss_decreases_on_embedded_data(trainer, tmp_path, single_process):
         losses = [float(r["loss"]) for r in csv.DictReader(fh)]
     assert len(losses) == 10
     assert sum(losses[-3:]) / 3 < max(losses[:3]) - 0.2, losses
+
+
+def test_one_process_defaults_to_split_bn_and_eval_prints_the_table(trainer, data, tmp_path,
+                                                                    single_process, capsys):
+    out = tmp_path / "run"
+    summary = trainer.main(["--data", str(data), "--loader", "torch", "--workers", "0",
+                            "--device", "cpu", "--max-steps", "2", "--eval", "--out", str(out),
+                            *TINY])
+    assert read_checkpoint(out / "checkpoint.pt")["args"]["bn"] == "split"
+    printed = capsys.readouterr().out
+    assert "| linear val |" in printed and "| metric | trained | untrained |" in printed
+    assert "untrained" in summary["eval"] and "scramble_similarity" in summary["eval"]
+    with pytest.raises(SystemExit):   # split BN needs a batch divisible by --bn-splits
+        trainer.main(["--data", str(data), "--bn", "split", "--batch-size", "18",
+                      "--moco-k", "36", "--size", "32", "--out", str(tmp_path / "bad")])
+    assert "--bn-splits" in capsys.readouterr().err

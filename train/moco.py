@@ -78,7 +78,7 @@ LOG_COLUMNS = ["step", "epoch", "loss", "lr", "img_per_s", "data_wait_pct", "ela
 DEFAULTS = dict(loader="dali", negatives="patch", alpha=2.0, patch_range=None, texture_bank=None,
                 cifar_stem=False, crop_scale=[0.2, 1.0], lr=0.06, wd=1e-4, epochs=30,
                 warmup_epochs=1, moco_k=1024,
-                moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn="shuffle",
+                moco_m=0.99, moco_t=0.2, dim=128, mlp_hidden=2048, bn=None, bn_splits=4,
                 channels_last=True, seed=0, save_every=10, log_every=10, workers=None,
                 compile=False, max_steps=None, eval=False, skip_bad=False)
 DEVICE_DEFAULTS = {
@@ -154,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag("--moco-t", "softmax temperature", type=float)
     add_flag("--dim", "feature dimension", type=int)
     add_flag("--mlp-hidden", "hidden width of the MLP head", type=int)
-    add_flag("--bn", "BatchNorm treatment of keys and NS across ranks", choices=BN_MODES)
+    add_flag("--bn", "BatchNorm treatment of keys and NS: split (one process: BatchNorm over "
+             "--bn-splits sub-batches, keys shuffled across them), shuffle (across processes) or "
+             "sync (default split in one process, shuffle in several)", choices=BN_MODES)
+    add_flag("--bn-splits", "sub-batches of --bn split", type=int)
     add_flag("--device", "device (default: cuda when available)", choices=("cpu", "cuda"))
     add_flag("--precision", "autocast dtype", choices=sorted(PRECISIONS))
     add_flag("--channels-last", "channels_last memory for images and model",
@@ -198,6 +201,8 @@ def resolve_args(parser, argv=None):
     merged = {**DEFAULTS, **DEVICE_DEFAULTS[device], **preset, **resumed, **explicit,
               "device": device}
     args = argparse.Namespace(**{**vars(args), **merged})
+    if args.bn is None:
+        args.bn = "split" if int(os.environ.get("WORLD_SIZE", 1)) == 1 else "shuffle"
     if args.patch_range is None:
         args.patch_range = scaled_patch_range(args.size)
     args.patch_range = list(args.patch_range)
@@ -229,6 +234,12 @@ def check_args(parser, args, world):
     if args.bn == "sync" and args.device == "cpu" and world > 1:
         parser.error("--bn sync needs GPUs (torch's SyncBatchNorm has no CPU implementation); "
                      "use --bn shuffle")
+    if args.bn_splits < 1:
+        parser.error(f"--bn-splits must be >= 1, got {args.bn_splits}")
+    if args.bn == "split" and (world > 1 or (args.batch_size // world) % args.bn_splits):
+        parser.error(f"--bn split needs one process and a batch divisible by --bn-splits "
+                     f"{args.bn_splits} (got {world} processes, batch {args.batch_size}); "
+                     "use --bn shuffle across processes")
     for name in ("epochs", "size", "batch_size", "log_every", "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -557,11 +568,16 @@ class RunLog:
 
 
 def write_summary(out: Path, summary: dict, root: Path) -> None:
-    """RUN_DIR/summary.json, and the same without the args on stdout."""
+    """RUN_DIR/summary.json; on stdout the same without the args, and with --eval a table of
+    what was learned beside the untrained network."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(json.dumps({k: v for k, v in summary.items() if k != "args"}, indent=2, default=str),
-          flush=True)
-    if "eval" not in summary:
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("args", "eval")}, indent=2,
+                     default=str), flush=True)
+    if "eval" in summary:
+        from fastneg.eval.report import summary_table
+        print(f"\nwhat was learned ({root}; linear probe on frozen features):\n"
+              f"{summary_table(summary['eval'])}", flush=True)
+    else:
         print(f"evaluate with: fastneg eval {out / 'checkpoint.pt'} --data {root}", flush=True)
 
 
@@ -655,9 +671,10 @@ def main(argv=None):
                    "world_size": procs.world, "device": str(device),
                    "checkpoint": str(out / "checkpoint.pt"),
                    "args": {k: as_saved(v) for k, v in vars(args).items()}}
-        if args.eval:
+        if args.eval:   # corruptions are left to `fastneg eval`: they take longer than this
             from fastneg.eval import evaluate_checkpoint
-            summary["eval"] = evaluate_checkpoint(out / "checkpoint.pt", root, device=str(device))
+            summary["eval"] = evaluate_checkpoint(out / "checkpoint.pt", root,
+                                                  device=str(device), corruptions=())
         write_summary(out, summary, root)
     if procs.distributed:
         dist.destroy_process_group()

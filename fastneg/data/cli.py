@@ -1,7 +1,7 @@
 """`fastneg make-data`: the embedded shapes dataset."""
 from __future__ import annotations
 
-from fastneg.data.synthetic import SHAPES, SPLITS, DatasetSpec, make_dataset
+from fastneg.data.synthetic import COLOUR_MODES, SHAPES, SPLITS, DatasetSpec, make_dataset
 
 
 def register(sub) -> None:
@@ -18,6 +18,14 @@ def register(sub) -> None:
     m.add_argument("--p-dominant", type=float, default=0.8,
                    help="probability that a train/val image carries its class's dominant texture "
                         "(default 0.8)")
+    m.add_argument("--colour", choices=COLOUR_MODES, default="grey",
+                   help="grey: dark/light grey textures on grey backgrounds; palette: texture "
+                        "colours from four pairs shared by all classes; random: random colours "
+                        "per image (identify the image; old design) (default grey)")
+    m.add_argument("--independent", action="store_true",
+                   help="train/val: draw shape, texture family and (palette) colour "
+                        "independently and uniformly, for per-factor read-outs "
+                        "(--p-dominant is then unused there)")
     m.add_argument("--imagenet-like", action="store_true",
                    help="write ~500x375 JPEG q90 images (for throughput benchmarks)")
     m.add_argument("--photos", action="store_true",
@@ -34,7 +42,8 @@ def run(args) -> None:
         return photos.run(args)
     per_class = 500 if args.images_per_class is None else args.images_per_class
     spec = DatasetSpec(images_per_class=per_class, size=args.size, seed=args.seed,
-                       p_dominant=args.p_dominant, imagenet_like=args.imagenet_like)
+                       p_dominant=args.p_dominant, imagenet_like=args.imagenet_like,
+                       colour=args.colour, independent=args.independent)
     out = make_dataset(args.out, spec, force=args.force, workers=args.workers)
     counts = ", ".join(f"{s} {spec.count(s) * len(SHAPES)}" for s in SPLITS)
     print(f"wrote {out}: {counts} images")

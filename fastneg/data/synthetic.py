@@ -1,7 +1,12 @@
 """The embedded default dataset: shapes whose label is the shape and whose texture is a shortcut.
 
-Each image is one of ten shapes filled with one of ten procedural texture families, placed at a
-random position, scale and rotation over a plain or textured background, with random colours.
+Each image is one of ten shapes filled with one of ten procedural texture families (periods of
+about a tenth of the image side, so several pixels at the training size even after a 0.2 area
+crop), placed near the centre at a random scale and a moderate rotation over a plain background.
+Colours do not identify an image: by default the texture is dark/light grey over one of three
+grey background levels (`colour="grey"`); `colour="palette"` draws the texture's two colours
+from four pairs shared by every class; `colour="random"` is the old design (random colours per
+image, which a contrastive model uses to tell images apart instead of shape or texture).
 Class c has a *dominant* texture family (family c). In `train` and `val` an image carries its
 class's dominant family with probability p (default 0.8) and another family otherwise, so a model
 can score well by reading texture alone. The other splits expose that shortcut:
@@ -9,8 +14,14 @@ can score well by reading texture alone. The other splits expose that shortcut:
 - `conflict`: every image carries the dominant family of *another* class (cue conflict);
 - `outline`: shape outlines only, no texture (sketch-like).
 
+With `independent=True` (`fastneg make-data --independent`, the Trifeature design of Hermann
+and Lampinen 2020) train and val draw shape, texture family and, in palette mode, colour
+independently and uniformly, so linear read-outs of each factor from frozen features measure
+what the features encode (`fastneg eval`'s `readout`).
+
 Every split is an ImageFolder (one folder per class, JPEG files) with a metadata.csv:
-file, label, shape, texture, texture_class (the class whose dominant family the texture is).
+file, label, shape, texture, texture_class (the class whose dominant family the texture is),
+colour (the palette entry's name; "grey" or "random" in those modes).
 
 Generation is deterministic: image i of split s depends only on (seed, s, i), never on worker
 count or order, so the same seed gives the same bytes everywhere.
@@ -40,6 +51,12 @@ TEXTURES = ("stripes", "checkers", "dots", "waves", "noise",
 SPLITS = ("train", "val", "conflict", "outline")
 # Images per class of the evaluation splits, as a fraction of the training split's.
 EVAL_FRACTION = 0.2
+COLOUR_MODES = ("grey", "palette", "random")
+GREY_LEVELS = (40.0, 215.0)            # the texture's two levels in grey mode
+BACKGROUND_LEVELS = (70.0, 128.0, 185.0)   # plain grey backgrounds, shared by every class
+# Texture colour pairs of palette mode, shared by every class: (name, colour 1, colour 2).
+PALETTE = (("red", (200, 40, 40), (250, 200, 190)), ("green", (30, 140, 50), (200, 245, 190)),
+           ("blue", (40, 60, 190), (190, 210, 250)), ("yellow", (150, 120, 0), (250, 235, 120)))
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,8 @@ class DatasetSpec:
     p_dominant: float = 0.8        # P(texture = the class's dominant family) in train/val
     imagenet_like: bool = False    # ~500x375 JPEG q90, for throughput benchmarks
     quality: int = 90
+    colour: str = "grey"           # one of COLOUR_MODES
+    independent: bool = False      # train/val: shape, texture (and palette colour) independent
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -156,8 +175,10 @@ def texture_pattern(family: str, rng: np.random.Generator, hw) -> np.ndarray:
     if family == "waves":
         return (np.sin(2 * np.pi * (f * u + 0.6 * np.sin(2 * np.pi * 2 * v) + phase)) > 0
                 ).astype(np.float32)
-    if family == "noise":
-        return (rng.random((h, w)) > 0.5).astype(np.float32)
+    if family == "noise":   # random blocks about a third of a period wide
+        cells = max(2, int(round(3 * f)))
+        grid = (rng.random((cells, cells)) > 0.5).astype(np.uint8) * 255
+        return np.asarray(Image.fromarray(grid).resize((w, h), Image.NEAREST), np.float32) / 255
     if family == "bricks":
         row = np.floor(f * v)
         uu = (f * 0.5 * u + 0.5 * (row % 2) + phase) % 1
@@ -194,44 +215,69 @@ def textured(family, rng, hw):
 
 # ---------------------------------------------------------------- one image
 
-def draw_texture_family(split: str, label: int, rng, p_dominant: float) -> int:
-    """The texture family of an image of class `label` in `split` (None for outline)."""
+def draw_texture_family(split: str, label: int, rng, p_dominant: float,
+                        independent: bool = False) -> int:
+    """The texture family of an image of class `label` in `split` (-1 for outline).
+
+    independent: train/val families are uniform over all families, whatever the label.
+    """
     n = len(TEXTURES)
     if split == "outline":
         return -1
+    if independent and split != "conflict":
+        return int(rng.integers(n))
     if split == "conflict" or rng.random() >= p_dominant:
         return int((label + rng.integers(1, n)) % n)     # any family but the class's own
     return label
 
 
-def render(split: str, label: int, rng, spec: DatasetSpec) -> tuple[np.ndarray, int]:
-    """uint8 [H, W, 3] image of class `label` and its texture family (-1: none)."""
+def render(split: str, label: int, rng, spec: DatasetSpec) -> tuple[np.ndarray, int, str]:
+    """(uint8 [H, W, 3] image of class `label`, its texture family (-1: none), its colour name)."""
+    if spec.colour not in COLOUR_MODES:
+        raise ValueError(f"unknown colour mode {spec.colour!r}; choose from "
+                         f"{', '.join(COLOUR_MODES)}")
     hw = spec.hw
     h, w = hw
     side = min(h, w)
-    family = draw_texture_family(split, label, rng, spec.p_dominant)
-    radius = rng.uniform(0.28, 0.42) * side
-    margin = radius * 0.9
-    center = np.array([rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)])
-    mask = shape_mask(SHAPES[label], hw, center, radius, rng.uniform(0, 2 * np.pi))
+    family = draw_texture_family(split, label, rng, spec.p_dominant, spec.independent)
+    radius = rng.uniform(0.3, 0.42) * side
+    center = np.array([w, h]) / 2 + rng.uniform(-0.08, 0.08, 2) * side
+    angle = rng.uniform(-np.pi / 6, np.pi / 6)
+    mask = shape_mask(SHAPES[label], hw, center, radius, angle)
+    colour = "grey" if spec.colour == "grey" else "random"
     if split == "outline":
         m = Image.fromarray((mask * 255).astype(np.uint8))
         k = max(3, (side // 32) | 1)
         edge = (np.asarray(m.filter(ImageFilter.MaxFilter(k)), np.float32)
                 - np.asarray(m.filter(ImageFilter.MinFilter(k)), np.float32)) / 255.0
-        paper = rng.uniform(200, 255, 3).astype(np.float32)
-        ink = rng.uniform(0, 70, 3).astype(np.float32)
+        if spec.colour == "random":
+            paper = rng.uniform(200, 255, 3).astype(np.float32)
+            ink = rng.uniform(0, 70, 3).astype(np.float32)
+        else:
+            paper, ink = np.full(3, 230, np.float32), np.full(3, 30, np.float32)
+            colour = "grey"
         img = paper * (1 - edge[..., None]) + ink * edge[..., None]
     else:
-        if rng.random() < 0.5:   # plain background
-            bg = np.broadcast_to(rng.uniform(0, 255, 3).astype(np.float32), (h, w, 3))
-        else:                    # faint texture of a random family
-            faint = textured(TEXTURES[rng.integers(len(TEXTURES))], rng, hw)
-            bg = 0.3 * faint + 0.7 * rng.uniform(0, 255, 3).astype(np.float32)
-        fg = textured(TEXTURES[family], rng, hw)
+        pat = texture_pattern(TEXTURES[family], rng, hw)[..., None]
+        if spec.colour == "random":
+            if rng.random() < 0.5:   # plain background
+                bg = np.broadcast_to(rng.uniform(0, 255, 3).astype(np.float32), (h, w, 3))
+            else:                    # faint texture of a random family
+                faint = textured(TEXTURES[rng.integers(len(TEXTURES))], rng, hw)
+                bg = 0.3 * faint + 0.7 * rng.uniform(0, 255, 3).astype(np.float32)
+            c1, c2 = _colour_pair(rng)
+        else:
+            bg = np.full((h, w, 3), BACKGROUND_LEVELS[rng.integers(len(BACKGROUND_LEVELS))],
+                         np.float32)
+            if spec.colour == "grey":
+                c1, c2 = (np.full(3, v, np.float32) for v in GREY_LEVELS)
+            else:
+                colour, a, b = PALETTE[rng.integers(len(PALETTE))]
+                c1, c2 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        fg = pat * c1 + (1 - pat) * c2
         img = fg * mask[..., None] + bg * (1 - mask[..., None])
     img += rng.normal(0, 4, img.shape).astype(np.float32)   # sensor noise: no flat JPEG blocks
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8), family
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), family, colour
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -241,11 +287,11 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def _make_one(args):
     spec, split, index, label, path = args
-    img, family = render(split, label, image_rng(spec.seed, split, index), spec)
+    img, family, colour = render(split, label, image_rng(spec.seed, split, index), spec)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=spec.quality)
     Path(path).write_bytes(buf.getvalue())
-    return index, family
+    return index, family, colour
 
 
 # ---------------------------------------------------------------- the dataset
@@ -277,6 +323,9 @@ def make_dataset(out, spec: DatasetSpec = DatasetSpec(), *, force: bool = False,
     _check_out_dir(out, force)
     if spec.images_per_class < 1:
         raise ValueError(f"images_per_class must be >= 1, got {spec.images_per_class}")
+    if spec.colour not in COLOUR_MODES:
+        raise ValueError(f"unknown colour mode {spec.colour!r}; choose from "
+                         f"{', '.join(COLOUR_MODES)}")
     if not spec.imagenet_like and spec.size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {spec.size}")
     with staged_dir(out) as tmp:
@@ -300,20 +349,22 @@ def _write_splits(tmp: Path, spec: DatasetSpec, workers, progress, name) -> None
     workers = workers or available_cpus()
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(_make_one, jobs, chunksize=32)
-        families = [f for _, f in tqdm(results, total=len(jobs), disable=not progress,
+        drawn = [(f, c) for _, f, c in tqdm(results, total=len(jobs), disable=not progress,
                                        desc=f"make-data {name}", unit="img")]
     k = 0
     for split in SPLITS:
         with open(tmp / split / "metadata.csv", "w", newline="") as fh:
             wr = csv.writer(fh)
-            wr.writerow(["file", "label", "shape", "texture", "texture_class"])
+            wr.writerow(["file", "label", "shape", "texture", "texture_class", "colour"])
             for rel, label, shape in rows[split]:
-                fam = families[k]
+                fam, colour = drawn[k]
                 k += 1
-                wr.writerow([rel, label, shape, TEXTURES[fam] if fam >= 0 else "none", fam])
+                wr.writerow([rel, label, shape, TEXTURES[fam] if fam >= 0 else "none", fam,
+                             colour])
     (tmp / "README.txt").write_text(
         f"fastneg shapes dataset: seed={spec.seed} images_per_class={spec.images_per_class} "
-        f"size={'x'.join(map(str, spec.hw))} p_dominant={spec.p_dominant}\n")
+        f"size={'x'.join(map(str, spec.hw))} p_dominant={spec.p_dominant} "
+        f"colour={spec.colour} independent={spec.independent}\n")
 
 
 def read_metadata(split_dir) -> list[dict]:

@@ -1,6 +1,7 @@
 """`fastneg eval`: linear probe, kNN, corruptions and shape bias of a trainer checkpoint."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def register(sub) -> None:
     e.add_argument("--temperature", type=float, default=0.07,
                    help="kNN vote temperature (default 0.07)")
     e.add_argument("--batch-size", type=int, default=256, help="feature batch (default 256)")
+    e.add_argument("--untrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="also report the untrained network of the same architecture (computed "
+                        "once per dataset, cached in ROOT/.fastneg-untrained) (default on)")
     e.add_argument("--device", default="cpu", help="torch device (default cpu)")
     e.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice). 1 is fastest for "
@@ -65,10 +69,13 @@ def run(args) -> None:
         args.checkpoint, data, ood=parse_ood(args.ood), cache_dir=args.cache_dir,
         corrupt_dir=args.corrupt_dir, corruptions=corruptions,
         severities=_int_list(args.severities, "--severities"), k=args.k,
-        temperature=args.temperature, batch_size=args.batch_size, device=args.device)
+        temperature=args.temperature, batch_size=args.batch_size, device=args.device,
+        untrained=args.untrained)
+    from fastneg.eval.report import summary_table
     if "shape_bias" in result:
         print(f"  shape bias   linear {result['shape_bias']:.3f}  "
               f"knn {result['shape_bias_knn']:.3f}")
+    print(summary_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -5,6 +5,11 @@ corruptions of val, shape bias on the cue-conflict split, extra out-of-domain fo
     ROOT/<split>      every other ImageFolder under ROOT is evaluated (val, conflict, outline, ...)
     ROOT/val          is also corrupted (ImageNet-C style) and reported as the split "corrupt"
     ROOT/conflict     with a metadata.csv (label, shape, texture_class) gives the shape bias
+    ROOT/*/metadata.csv  with factor columns (shape, texture, colour) gives linear read-outs
+                      per factor, fitted on train (regularization by CV on train), scored on val
+
+plus the scramble similarity on val (fastneg.eval.readout) and, for a checkpoint, the same
+numbers for the untrained network of the same architecture (computed once per dataset, cached).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from fastneg.eval.features import cached_features, extract_features, file_digest
 from fastneg.eval.knn import knn_predict
 from fastneg.eval.linear import train_linear_probe
 from fastneg.eval.metrics import shape_bias, top1
+from fastneg.eval.readout import readouts, scramble_patch_range, scramble_similarity
 
 CORRUPT = "corrupt"   # the split name under which the corruption mean is reported
 
@@ -96,12 +102,13 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
                       cache_dir=None, identity: str = "", corrupt_dir=None,
                       corruptions=DEFAULT_CORRUPTIONS, severities=SEVERITIES,
                       k: int = 20, temperature: float = 0.07, batch_size: int = 256,
-                      device="cpu", log=print) -> dict:
+                      device="cpu", scramble_range=None, log=print) -> dict:
     """Every metric of the module docstring for `backbone` (maps normalized images to features).
 
     Features are cached under `cache_dir` (None: not cached) with a key made of `identity` (what
     the backbone is, e.g. its checkpoint's digest), the split's listing and `size`.
-    `corruptions=()` skips the corruption suite.
+    `corruptions=()` skips the corruption suite. `scramble_range` (LO, HI): patch sides of the
+    scramble similarity on val (None: not measured).
     """
     if k < 1 or temperature <= 0:
         raise ValueError(f"kNN needs k >= 1 and temperature > 0; got k={k}, "
@@ -149,7 +156,22 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
               "linear": {}, "knn": {}, "images": {}}
     for name, images in listings.items():
         labels = aligned_labels(images, train.classes, name).numpy()
-        preds = predict(features(images, name))
+        feats = features(images, name)
+        preds = predict(feats)
+        if name == "val":
+            detail = readouts(train, train_f, images, feats)
+            if detail:
+                result["readout"] = {f: d["accuracy"] for f, d in detail.items()}
+                result["readout_detail"] = detail
+                log("  read-out     " + "  ".join(f"{f} {a:.3f}"
+                                                   for f, a in result["readout"].items()))
+            if scramble_range is not None:
+                result["scramble_similarity"] = scramble_similarity(
+                    backbone, images, size=size, patch_range=scramble_range,
+                    batch_size=batch_size, device=device)
+                result["scramble_patch_range"] = list(scramble_range)
+                log(f"  scramble similarity {result['scramble_similarity']:.3f} "
+                    f"(patch sides {scramble_range[0]}..{scramble_range[1]})")
         for clf in ("linear", "knn"):
             result[clf][name] = top1(preds[clf], labels)
         result["images"][name] = len(images)
@@ -206,15 +228,81 @@ def _write_corruptions(val_dir, corrupt_dir, corruptions, severities) -> None:
 
 
 def evaluate_checkpoint(checkpoint, data_root, *, cache_dir=None, device="cpu",
-                        **kwargs) -> dict:
-    """evaluate_backbone on a trainer checkpoint; features cached in RUN_DIR/eval-cache/<name>."""
+                        untrained: bool = True, untrained_dir=None, **kwargs) -> dict:
+    """evaluate_backbone on a trainer checkpoint; features cached in RUN_DIR/eval-cache/<name>.
+
+    The scramble similarity uses patch sides just above the run's training range. untrained:
+    also report the untrained network's numbers (key "untrained"), computed once per dataset,
+    architecture and size and cached in `untrained_dir` (default ROOT/.fastneg-untrained).
+    """
     from fastneg.moco import load_encoder
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     backbone, args = load_encoder(checkpoint, device=device)
     size = int(args["size"])
+    scramble = scramble_patch_range(args.get("patch_range") or (2, max(2, size // 4)), size)
     cache_dir = cache_dir or checkpoint.parent / "eval-cache" / checkpoint.stem
     result = evaluate_backbone(backbone, data_root, size=size, cache_dir=cache_dir,
-                               identity=file_digest(checkpoint), device=device, **kwargs)
-    return {"checkpoint": str(checkpoint), "args": dict(args), **result}
+                               identity=file_digest(checkpoint), device=device,
+                               scramble_range=scramble, **kwargs)
+    out = {"checkpoint": str(checkpoint), "args": dict(args), **result}
+    if untrained:
+        keep = {k: v for k, v in kwargs.items() if k in ("k", "temperature", "batch_size")}
+        out["untrained"] = untrained_reference(
+            args["arch"], size, bool(args.get("cifar_stem", False)), data_root,
+            scramble_range=scramble, cache_dir=untrained_dir, device=device, **keep)
+    return out
+
+
+def dataset_digest(root) -> str:
+    """sha256 of a dataset's listings and metadata files: changes when the data are remade."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for name in ["train", *find_splits(root)]:
+        h.update(scan_image_folder(root / name).fingerprint().encode())
+        meta = root / name / "metadata.csv"
+        if meta.exists():
+            h.update(meta.read_bytes())
+    if (root / "README.txt").exists():
+        h.update((root / "README.txt").read_bytes())
+    return h.hexdigest()
+
+
+def untrained_reference(arch: str, size: int, cifar_stem: bool, data_root, *, scramble_range,
+                        cache_dir=None, device="cpu", seed: int = 0, log=print,
+                        **kwargs) -> dict:
+    """evaluate_backbone (no corruptions) of a freshly initialized backbone (torch seed `seed`).
+
+    The result is cached as JSON in `cache_dir` (default ROOT/.fastneg-untrained), keyed by the
+    dataset's digest, the architecture, size, stem, seed and scramble range, so it is computed
+    once per dataset.
+    """
+    import json
+    from fastneg.moco import build_backbone
+    root = Path(data_root)
+    key = hashlib.sha256(json.dumps([dataset_digest(root), arch, size, cifar_stem, seed,
+                                     list(scramble_range), sorted(kwargs.items())]
+                                    ).encode()).hexdigest()[:16]
+    cache = Path(cache_dir or root / ".fastneg-untrained") / f"{arch}-{size}px-{key}.json"
+    if cache.exists():
+        try:
+            return json.loads(cache.read_text())
+        except ValueError:
+            pass   # a damaged cache file is recomputed
+    log(f"untrained {arch} at {size} px (reference, computed once; cached in {cache})")
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    backbone, _ = build_backbone(arch, cifar_stem)
+    torch.random.set_rng_state(gen_state)
+    result = evaluate_backbone(backbone.to(device), root, size=size, corruptions=(),
+                               scramble_range=scramble_range, device=device, log=log, **kwargs)
+    result = {k: v for k, v in result.items() if k != "data"}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".partial")
+        tmp.write_text(json.dumps(result, default=str))
+        tmp.replace(cache)
+    except OSError as e:   # a read-only dataset: the reference is just not cached
+        log(f"  (could not cache the untrained reference: {e})")
+    return result

@@ -1,0 +1,65 @@
+"""fastneg.experiments.readouts: pairing by seed, the tables and plots (no training here)."""
+import pytest
+
+from fastneg.experiments import readouts as ex
+
+
+def fake_results():
+    def run(title, seeds, shift):
+        m = {"title": title, "seeds": seeds, "train_s": [10.0] * len(seeds)}
+        for k in ex.TITLES:
+            m[k] = [0.5 + 0.01 * s + shift for s in seeds]
+        return m
+    return {"moco": run("MoCo-v2", [0, 1, 2], 0.0),
+            "patch-a2": run("+ patch NS (alpha 2)", [2, 0, 1], 0.1),   # other seed order
+            "untrained": {"title": "untrained (reference)", "seeds": [None], "train_s": [None],
+                          **{k: [0.2] for k in ex.TITLES}}}
+
+
+def test_differences_are_paired_by_seed_not_by_position():
+    d = ex.paired_differences(fake_results())
+    assert set(d) == {"patch-a2"}
+    for k in ex.TITLES:
+        assert d["patch-a2"][k] == pytest.approx([0.1, 0.1, 0.1])   # per-seed offset cancels
+
+
+def test_tables_and_plots(tmp_path):
+    results = fake_results()
+    summary = ex.summarize(results)
+    text = ex.markdown(summary, ex.Setup(), wall_s=60.0)
+    assert "| untrained (reference) |" in text and "1.0 min" in text
+    row = next(line for line in text.splitlines() if line.startswith("| + patch NS (alpha 2) | +"))
+    # Predicted up (shape read-out): +0.1 with sd 0 moves the predicted way; predicted down
+    # (texture read-out) does not.
+    cells = row.split(" | ")
+    assert cells[1].startswith("+0.100") and cells[1].endswith("✓")
+    assert cells[2].startswith("+0.100") and "✓" not in cells[2]
+    paths = ex.plot(results, summary, tmp_path)
+    assert [p.name for p in paths] == ["readouts_paired.png", "readouts_absolute.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_quick_setup_and_methods_need_moco(tmp_path):
+    with pytest.raises(ValueError, match="moco"):
+        ex.main(["--out", str(tmp_path), "--quick", "--methods", "patch-a2"])
+
+
+def test_run_commands_are_accepted_by_the_trainer_and_eval(tmp_path):
+    import importlib.util
+    from fastneg.cli import build_parser as fastneg_parser
+    spec = importlib.util.spec_from_file_location("fastneg_train_moco_ro", ex.TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train = module.build_parser()
+    jobs = ex.make_jobs(tmp_path, tmp_path / "data", tmp_path / "ind", tmp_path / "bank",
+                        ex.Setup(), ex.METHODS)
+    assert [j.name for j in jobs] == [f"{m.name}-s{s}" for m in ex.METHODS for s in (0, 1, 2)]
+    for job in jobs:
+        train_cmd, readout_cmd, eval_cmd = job.commands
+        args = train.parse_args(train_cmd[2:])
+        assert args.negatives == job.method.negatives and args.seed == job.seed
+        assert args.crop_scale == [0.2, 1.0] and args.bn is None   # split BN: one process
+        for cmd, data in ((readout_cmd, "ind"), (eval_cmd, "data")):
+            parsed = fastneg_parser().parse_args(cmd[3:])
+            assert parsed.verb == "eval" and parsed.data == str(tmp_path / data)
+        assert eval_cmd[-1].endswith("eval.json")   # job_done looks for it: written last
