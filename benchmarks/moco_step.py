@@ -31,9 +31,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (LOADERS, NEGATIVES, FastnegBatches, ProcessTree,  # noqa: E402
-                        benchmark_textures, comma_list, non_negative, positive, prepare_ffcv,
-                        resolve_device, write_texture_bank)
+from throughput import (BANK_DIR, LOADERS, NEGATIVES, TEXTURE_BETON,  # noqa: E402
+                        FastnegBatches, ProcessTree, comma_list, non_negative, positive,
+                        prepare_ffcv, resolve_device, write_texture_bank)
 
 PRECISIONS = ("bf16", "fp32")
 CONVERT_TIMEOUT_S = 600   # one .beton conversion of the dataset, cached next to it
@@ -96,13 +96,19 @@ def loader_row(args, kind, device, model, opt, tree, ceiling, workdir) -> dict:
            "img_per_s": None, "vs_ceiling": None, "data_wait_pct": None, "cpu_cores": None}
     try:
         source = prepare_ffcv(args.data, CONVERT_TIMEOUT_S) if kind == "ffcv" else args.data
-        textures = None
+        bank = None
         if args.negatives == "texture":
-            textures = benchmark_textures(write_texture_bank(args.data, args.size, workdir),
-                                          args.data, device)
+            # a JPEG texture bank fetched by the loader (throughput.write_texture_bank), once
+            bank = workdir / BANK_DIR
+            if not bank.exists():
+                write_texture_bank(args.data, args.size, workdir)
+            if kind == "ffcv":     # the .beton with the bank's texture field
+                source = workdir / TEXTURE_BETON
+                if not source.exists():
+                    prepare_ffcv(args.data, CONVERT_TIMEOUT_S, texture_bank=bank, beton=source)
         batches = FastnegBatches(kind, source, batch_size=args.batch_size, size=args.size,
                                  device=device, workers=args.workers, negatives=args.negatives,
-                                 textures=textures, seed=args.seed)
+                                 texture_bank=bank, seed=args.seed)
     except (ImportError, RuntimeError) as e:   # the loader contract's "not available here"
         return {**row, "status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
     try:

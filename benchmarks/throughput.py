@@ -11,7 +11,8 @@ both, and the negatives, all on the device and ready for the model:
 
     none      q, k
     patch     q, k, patch NS of the augmented query
-    texture   q, k, texture NS: the image's texture from a bank + the query's augmentation draws
+    texture   q, k, texture NS: the image's texture, decoded by the loader from a JPEG texture
+              bank with the images (Batch.textures) + the query's augmentation draws
 
 Per row: img/s (source images per second) and batches/s over `--batches` batches after
 `--warmup` batches (pipeline build, JIT compiles and the warm-up batches are timed apart, as
@@ -25,9 +26,14 @@ The baseline, loader "published" (benchmarks/published_baseline.py), is measured
 for every requested negatives kind, and every row reports img/s as a ratio to the baseline row
 with the same negatives.
 
-Texture bank: the first images of the dataset resized to the training size (the cost of sampling
-and augmenting texture NS does not depend on what the pixels show); the baseline reads the same
-images as JPEG files, one per sample, as the published code reads its texture files.
+Texture bank: fastneg's rows use a JPEG texture bank in the format `fastneg build-bank` writes
+(one texture per image, fetched and decoded by the loader itself: build_loader(...,
+texture_bank=BANK), and for FFCV a .beton converted with the texture field, as at ImageNet
+scale); its textures are the images resized to the training size, JPEG q90 (the cost of reading,
+decoding and augmenting texture NS does not depend on what the pixels show; quilting them would
+take minutes). The bank and the FFCV texture .beton are written in a temporary folder each run,
+apart from the timed rows. The baseline reads the first TEXTURE_BANK_SIZE of those images as JPEG
+files, one per sample, as the published code reads its texture files.
 
 Also per fastneg loader: "loader img/s", the bare loader's rate (its two uint8 crops, nothing
 after; a row of its own, "loader-only", shown as a column) and the finished rate as a fraction of
@@ -37,8 +43,8 @@ processes that share an empty Numba cache (NUMBA_CACHE_DIR): "cold" compiles eve
 "warm" loads them from that cache, as any second start does. Then patch_negatives into a
 preallocated output against out.copy_(x) (float32 NCHW and uint8 NHWC, the batch's shape).
 The last line checks the CPU goals: the finished patch-NS rate >= 60% of the loader-only rate and
->= 3x the baseline for at least one loader, patch NS >= 70% of copy bandwidth, a warm start's
-first batch within 5 s.
+>= 3x the baseline for at least one loader, texture NS >= 85% of patch NS on the same loader
+(the best loader's), patch NS >= 70% of copy bandwidth, a warm start's first batch within 5 s.
 
 Default data: data/photos/train in the checkout, 640 ImageNet-sized JPEG q90 crops of
 scikit-image's sample photos made once with the equivalent of `fastneg make-data --photos`;
@@ -81,7 +87,10 @@ GOAL_OF_LOADER = 0.6           # finished patch-NS rate / loader-only rate
 GOAL_VS_BASELINE = 3.0         # finished patch-NS rate / the published pipeline's
 GOAL_OF_COPY = 0.7             # patch_negatives GB/s / out.copy_(x) GB/s
 GOAL_WARM_START_S = 5.0        # process start -> first finished batch, kernels cached
-TEXTURE_BANK_SIZE = 64
+GOAL_TEXTURE_OF_PATCH = 0.85   # finished texture-NS rate / finished patch-NS rate, same loader
+TEXTURE_BANK_SIZE = 64         # the baseline's texture files
+BANK_DIR = "bank"              # fastneg's JPEG texture bank, in the run's temporary folder
+TEXTURE_BETON = "textures.beton"   # FFCV: the data with the bank's texture field, same folder
 RSS_SAMPLE_S = 0.05
 RECORD_KEYS = ("loader", "negatives", "device", "img_per_s", "cpu_s_per_1k", "peak_rss_mb",
                "ratio_vs_baseline", "first_batch_s")
@@ -152,15 +161,15 @@ class FastnegBatches:
     first batch."""
 
     def __init__(self, kind, source, *, batch_size, size, device, workers, negatives,
-                 textures=None, seed=0):
+                 texture_bank=None, seed=0):
         from fastneg.augment import MoCoV2Augment
         from fastneg.loaders import build_loader
         self.loader = build_loader(kind, str(source), batch_size=batch_size, size=size,
-                                   device=str(device), seed=seed, workers=workers)
+                                   device=str(device), seed=seed, workers=workers,
+                                   texture_bank=texture_bank)
         self.aug = MoCoV2Augment()
         self.negatives, self.seed = negatives, seed
         self.patch_range = scaled_patch_range(size)
-        self.textures = textures
         self.source = source
 
     def __iter__(self):
@@ -179,31 +188,25 @@ class FastnegBatches:
     def finish(self, batch, step):
         """Loader batch -> (views, negatives), on the device, as the trainer makes them."""
         return make_views_and_negatives(batch, aug=self.aug, seed=self.seed, step=step,
-                                        negatives=self.negatives, patch_range=self.patch_range,
-                                        textures=self.textures)
+                                        negatives=self.negatives, patch_range=self.patch_range)
 
 
-def benchmark_textures(bank_file: Path, data: Path, device):
-    """The bank write_texture_bank made, as a fastneg.texture.TextureBank on `device` whose
-    map gives image i of `data` the texture i % (textures in the bank)."""
-    import torch
-
-    from fastneg.data.imagefolder import scan_image_folder
-    from fastneg.texture import TextureBank
-    textures = torch.from_numpy(np.load(bank_file)).to(device)
-    rows = torch.arange(len(scan_image_folder(data))) % textures.shape[0]
-    return TextureBank(textures, rows, {"size": textures.shape[1]},
-                       "cuda" if textures.device.type == "cuda" else "mmap")
-
-
-def prepare_ffcv(data: Path, timeout: float) -> Path:
+def prepare_ffcv(data: Path, timeout: float, *, texture_bank: Path | None = None,
+                 beton: Path | None = None) -> Path:
     """The dataset as a .beton next to it, converted once (in a subprocess: FFCV's writer can
-    deadlock in a process that already ran a Loader). RuntimeError with the reason on failure."""
-    beton = data.parent / f"{data.name}.beton"
-    if beton.exists() and beton.stat().st_mtime >= data.stat().st_mtime:
-        return beton
+    deadlock in a process that already ran a Loader). RuntimeError with the reason on failure.
+
+    texture_bank: also store each image's texture from this JPEG bank (`fastneg convert
+    --texture-bank`), in `beton`, converted every time (the bank is the run's own)."""
+    if texture_bank is None:
+        beton = data.parent / f"{data.name}.beton"
+        if beton.exists() and beton.stat().st_mtime >= data.stat().st_mtime:
+            return beton
     cmd = [sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv", str(data), str(beton)]
-    print(f"converting {data} to {beton} (once)", file=sys.stderr, flush=True)
+    if texture_bank is not None:
+        cmd += ["--texture-bank", str(texture_bank), "--force"]
+    print(f"converting {data} to {beton}" + (" with the texture bank's field" if texture_bank
+                                             else " (once)"), file=sys.stderr, flush=True)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -215,21 +218,24 @@ def prepare_ffcv(data: Path, timeout: float) -> Path:
 
 
 def write_texture_bank(data: Path, size: int, workdir: Path) -> Path:
-    """The benchmark's texture bank: the first TEXTURE_BANK_SIZE images resized to size x size,
-    as workdir/bank.npy, uint8 [B, size, size, 3] (fastneg; returned), and as JPEG q90 files
-    workdir/texture_*.jpg (baseline)."""
+    """The benchmark's textures: every image resized to size x size, as a JPEG q90 texture bank
+    workdir/BANK_DIR of `data` (fastneg's format, one texture per image: returned), and the
+    first TEXTURE_BANK_SIZE of them as JPEG q90 files workdir/texture_*.jpg (baseline)."""
     from PIL import Image
 
     from fastneg.data.imagefolder import scan_image_folder
+    from fastneg.texture.bank import write_bank_from_arrays
     listing = scan_image_folder(data)
-    bank = []
-    for i in range(min(TEXTURE_BANK_SIZE, len(listing))):
-        with Image.open(listing.path(i)) as img:
-            tex = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        tex.save(workdir / f"texture_{i:04d}.jpg", quality=90)
-        bank.append(np.asarray(tex))
-    np.save(workdir / "bank.npy", np.stack(bank))
-    return workdir / "bank.npy"
+
+    def textures():
+        for i in range(len(listing)):
+            with Image.open(listing.path(i)) as img:
+                tex = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            if i < TEXTURE_BANK_SIZE:
+                tex.save(workdir / f"texture_{i:04d}.jpg", quality=90)
+            yield np.asarray(tex)
+    return write_bank_from_arrays(data, workdir / BANK_DIR, textures(), quality=90,
+                                  algorithm="resized-images (benchmark)")
 
 
 # ---------------------------------------------------------------- one row (child process)
@@ -289,12 +295,21 @@ def _build_row(args, loader, negatives, device):
         return published_batches(dl, device)
     if negatives == LOADER_ONLY:
         return _loader_batches(build_loader_for(args, loader, device))
-    textures = None
+    bank, source = None, args.source or args.data
     if negatives == "texture":
-        textures = benchmark_textures(Path(args.workdir) / "bank.npy", args.data, device)
-    return FastnegBatches(loader, args.source or args.data, batch_size=args.batch_size,
+        bank = Path(args.workdir) / BANK_DIR
+        if loader == "ffcv":     # the .beton with the texture field (prepare_ffcv)
+            source = Path(args.workdir) / TEXTURE_BETON
+            if not source.exists():
+                raise RuntimeError(f"no texture .beton: {_texture_beton_problem(args.workdir)}")
+    return FastnegBatches(loader, source, batch_size=args.batch_size,
                           size=args.size, device=device, workers=args.workers,
-                          negatives=negatives, textures=textures, seed=args.seed)
+                          negatives=negatives, texture_bank=bank, seed=args.seed)
+
+
+def _texture_beton_problem(workdir) -> str:
+    why = Path(workdir) / "texture-beton-error.txt"
+    return why.read_text().strip() if why.exists() else "its conversion did not run"
 
 
 def build_loader_for(args, kind, device):
@@ -475,6 +490,7 @@ def goals_line(records: list, copy: dict | None, startup: dict) -> str:
     else:
         parts.append("patch-NS path vs loader-only and published: n/a (needs --negatives patch "
                      "and a fastneg loader that ran)")
+    parts.append(texture_goal(records))
     if copy:
         ok = min(copy.values()) >= GOAL_OF_COPY
         detail = ", ".join(f"{k} {v:.0%}" for k, v in copy.items())
@@ -488,6 +504,21 @@ def goals_line(records: list, copy: dict | None, startup: dict) -> str:
     else:
         parts.append("warm first batch: n/a")
     return "# goals: " + "; ".join(parts)
+
+
+def texture_goal(records: list) -> str:
+    """The texture goal: finished texture-NS rate >= GOAL_TEXTURE_OF_PATCH of the patch-NS rate
+    on the same loader, for the loader where that fraction is highest."""
+    rate = {(r["loader"], r["negatives"]): r["img_per_s"] for r in records
+            if r["loader"] != BASELINE and r["status"] == "ok"}
+    of_patch = {k: rate[k, "texture"] / rate[k, "patch"] for k, n in rate
+                if n == "texture" and (k, "patch") in rate}
+    name = f"texture NS >= {GOAL_TEXTURE_OF_PATCH:.0%} of patch NS (same loader)"
+    if not of_patch:
+        return f"{name}: n/a (needs --negatives patch,texture and a fastneg loader that ran both)"
+    best = max(of_patch, key=of_patch.get)
+    detail = ", ".join(f"{k} {v:.0%}" for k, v in of_patch.items())
+    return f"{name}: {_verdict(of_patch[best] >= GOAL_TEXTURE_OF_PATCH)} ({detail})"
 
 
 def _verdict(ok: bool) -> str:
@@ -707,14 +738,23 @@ def main(argv=None) -> int:
     print(title, file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="fastneg-bench-") as tmp:
         workdir = Path(tmp)
+        bank = None
         if "texture" in args.negatives:
-            write_texture_bank(args.data, args.size, workdir)
+            print(f"writing the texture bank ({images} images resized to {args.size} px, JPEG)",
+                  file=sys.stderr, flush=True)
+            bank = write_texture_bank(args.data, args.size, workdir)
         sources, unavailable = {}, {}
         if "ffcv" in args.loaders:
             try:
                 sources["ffcv"] = prepare_ffcv(args.data, args.row_timeout)
             except RuntimeError as e:
                 unavailable["ffcv"] = str(e)
+        if "ffcv" in args.loaders and "ffcv" not in unavailable and bank is not None:
+            try:     # the texture rows' own .beton; its failure only makes them unavailable
+                prepare_ffcv(args.data, args.row_timeout, texture_bank=bank,
+                             beton=workdir / TEXTURE_BETON)
+            except RuntimeError as e:
+                (workdir / "texture-beton-error.txt").write_text(str(e))
         rows += [(k, LOADER_ONLY) for k in args.loaders]
         records = run_rows(args, rows, device, workdir, sources, unavailable)
         probe = "patch" if "patch" in args.negatives else args.negatives[0]

@@ -125,6 +125,79 @@ def test_loader_only_rows_and_start_up_fold_into_the_rows_of_their_loader():
     assert line.count("FAIL") == 3 and "PASS" not in line, line   # 60/120 = 50%; 60% copy; 6 s
 
 
+def test_texture_goal_compares_texture_with_patch_on_the_same_loader():
+    rec = throughput._record
+    records = [rec("published", "patch", "cpu", status="ok", img_per_s=20.0),
+               rec("published", "texture", "cpu", status="ok", img_per_s=5.0),
+               rec("torch", "patch", "cpu", status="ok", img_per_s=100.0),
+               rec("torch", "texture", "cpu", status="ok", img_per_s=80.0),
+               rec("ffcv", "patch", "cpu", status="ok", img_per_s=200.0),
+               rec("ffcv", "texture", "cpu", status="ok", img_per_s=180.0)]
+    line = throughput.goals_line(records, None, {})
+    assert "texture NS >= 85% of patch NS (same loader): PASS (torch 80%, ffcv 90%)" in line
+    records[-1]["img_per_s"] = 160.0
+    assert "(same loader): FAIL (torch 80%, ffcv 80%)" in throughput.goals_line(records, None, {})
+    records[-1]["status"] = "failed"
+    records[3]["status"] = "unavailable"
+    assert "(same loader): n/a" in throughput.goals_line(records, None, {})
+
+
+def _finished_texture_batch(kind, source, bank):
+    batches = throughput.FastnegBatches(kind, source, batch_size=4, size=16, device="cpu",
+                                        workers=1, negatives="texture", texture_bank=bank)
+    views, negatives = next(iter(batches))
+    return batches, views, negatives
+
+
+def test_texture_rows_read_a_jpeg_bank_through_the_loader(tiny_data, tmp_path):
+    from fastneg.data.imagefolder import scan_image_folder
+    from fastneg.texture.bank import BankReader
+    bank = throughput.write_texture_bank(tiny_data, 16, tmp_path)
+    n = len(scan_image_folder(tiny_data))
+    reader = BankReader(bank, expect=tiny_data)
+    assert reader.storage == "jpeg" and reader.rows == n and reader.size == 16
+    # the baseline's texture files are kept: the first TEXTURE_BANK_SIZE images
+    assert len(list(tmp_path.glob("texture_*.jpg"))) == min(n, throughput.TEXTURE_BANK_SIZE)
+    if "torch" not in _available_kinds():
+        pytest.skip("no torch loader here")
+    batches, views, negatives = _finished_texture_batch("torch", tiny_data, bank)
+    [tex] = negatives
+    assert tex.shape == views[0].shape == (4, 3, 16, 16) and torch.isfinite(tex).all()
+    assert batches.loader.cfg.texture_bank == str(bank)
+
+
+@pytest.mark.slow
+def test_ffcv_texture_rows_use_a_beton_with_the_texture_field(tiny_data, tmp_path):
+    if "ffcv" not in _available_kinds():
+        pytest.skip("ffcv missing")
+    bank = throughput.write_texture_bank(tiny_data, 16, tmp_path)
+    beton = throughput.prepare_ffcv(tiny_data, 240, texture_bank=bank,
+                                    beton=tmp_path / throughput.TEXTURE_BETON)
+    args = throughput.build_parser().parse_args(
+        ["--data", str(tiny_data), "--workdir", str(tmp_path), "--size", "16",
+         "--batch-size", "4", "--workers", "1", "--source", str(tmp_path / "plain.beton")])
+    built = throughput._build_row(args, "ffcv", "texture", torch.device("cpu"))
+    assert built.source == beton and built.loader.cfg.texture_bank == str(bank)
+    views, [tex] = next(iter(built))
+    assert tex.shape == views[0].shape == (4, 3, 16, 16) and torch.isfinite(tex).all()
+
+
+def test_a_missing_texture_beton_makes_the_ffcv_texture_row_unavailable(tiny_data, tmp_path):
+    (tmp_path / "texture-beton-error.txt").write_text("'fastneg convert --to ffcv' failed: x")
+    args = throughput.build_parser().parse_args(["--data", str(tiny_data),
+                                                 "--workdir", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="no texture .beton: 'fastneg convert"):
+        throughput._build_row(args, "ffcv", "texture", torch.device("cpu"))
+
+
+def _available_kinds():
+    try:
+        from fastneg.loaders import available_kinds
+    except ImportError:
+        return ()
+    return available_kinds()
+
+
 def test_a_loader_known_to_be_unavailable_is_reported_without_running(tmp_path):
     args = throughput.build_parser().parse_args(["--data", str(tmp_path)])
     [rec] = throughput.run_rows(args, [("ffcv", "patch")], "cpu", tmp_path, {},
@@ -158,13 +231,14 @@ def test_published_patch_loop_copies_windows_of_the_query():
 
 
 @pytest.mark.slow
-def test_moco_step_smoke_on_cpu(tiny_data, tmp_path):
+@pytest.mark.parametrize("negatives", ["patch", "texture"])
+def test_moco_step_smoke_on_cpu(tiny_data, tmp_path, negatives):
     pytest.importorskip("fastneg.moco")
     out = tmp_path / "step.json"
     cmd = [sys.executable, str(BENCH / "moco_step.py"), "--device", "cpu", "--arch", "resnet10s",
            "--size", "32", "--batch-size", "4", "--queue", "16", "--steps", "1", "--warmup", "1",
            "--precision", "fp32", "--loaders", "torch", "--workers", "1",
-           "--data", str(tiny_data), "--json", str(out)]
+           "--data", str(tiny_data), "--json", str(out), "--negatives", negatives]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())

@@ -246,3 +246,57 @@ def test_cli_format_flag(data, tmp_path, capsys):
     assert "storage" in capsys.readouterr().err
     assert main(args + ["--quality", "0", "--force"]) == 2
     assert "quality" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a bank of given textures
+
+def test_write_bank_from_arrays_reads_back_and_feeds_the_loader(data, tmp_path):
+    from fastneg.texture.bank import write_bank_from_arrays
+    images = scan_image_folder(data)
+    rng = np.random.default_rng(0)
+    # smooth textures (JPEG keeps them within a few levels), one per image
+    base = rng.integers(0, 256, (len(images), 4, 4, 3), dtype=np.uint8)
+    given = np.stack([np.asarray(Image.fromarray(b).resize((24, 24), Image.BILINEAR))
+                      for b in base])
+    out = write_bank_from_arrays(data, tmp_path / "given", iter(given), chunk=7)
+    meta = json.loads((out / INDEX_FILE).read_text())
+    assert meta["complete"] and meta["storage"] == "jpeg" and meta["rows"] == len(images)
+    assert meta["fingerprint"] == images.fingerprint() and meta["size"] == 24
+    assert not (out / DONE_FILE).exists()
+    reader = BankReader(out, expect=images)
+    assert reader.rows == len(images)
+    np.testing.assert_array_equal(reader.rows_for(np.arange(len(images))),
+                                  np.arange(len(images)))
+    for r in range(len(images)):
+        assert np.abs(reader.pixels(r).astype(np.int16) - given[r]).mean() < 4.0
+    tb = TextureBank.load(out, "cpu", expect=data)
+    assert tuple(tb.textures.shape) == given.shape
+    # the loaders accept it: each batch carries its samples' textures
+    from fastneg.loaders import build_loader
+    loader = build_loader("torch", data, batch_size=4, size=16, device="cpu", workers=0,
+                          texture_bank=out)
+    batch = next(iter(loader))
+    assert batch.textures is not None and tuple(batch.textures.shape) == (4, 16, 16, 3)
+    # an existing bank is kept unless forced
+    with pytest.raises(FileExistsError):
+        write_bank_from_arrays(data, out, iter(given))
+    write_bank_from_arrays(data, out, iter(given[::-1].copy()), force=True)
+    assert np.abs(BankReader(out).pixels(0).astype(np.int16) - given[-1]).mean() < 4.0
+
+
+def test_write_bank_from_arrays_rejects_a_wrong_count_or_shape(data, tmp_path):
+    from fastneg.texture.bank import write_bank_from_arrays
+    n = len(scan_image_folder(data))
+    tex = np.zeros((n + 1, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="textures"):
+        write_bank_from_arrays(data, tmp_path / "few", iter(tex[:n - 1]))
+    assert not json.loads((tmp_path / "few" / INDEX_FILE).read_text())["complete"]
+    with pytest.raises(ValueError, match="incomplete"):
+        BankReader(tmp_path / "few")
+    with pytest.raises(ValueError, match="more textures"):
+        write_bank_from_arrays(data, tmp_path / "many", iter(tex), chunk=4)
+    with pytest.raises(ValueError, match="uint8"):
+        write_bank_from_arrays(data, tmp_path / "shape", [np.zeros((8, 9, 3), np.uint8)])
+    with pytest.raises(ValueError, match=r"\[8, 8, 3\]"):
+        write_bank_from_arrays(data, tmp_path / "mixed",
+                               [tex[0], np.zeros((9, 9, 3), np.uint8)])

@@ -27,6 +27,9 @@ textures.jpg, then their spans written and synced), and only then are their rows
 done.u8 (also synced); `--resume` recomputes exactly the rows not marked (jpeg: after cutting
 textures.jpg back to the end of the last span marked done).
 
+write_bank_from_arrays writes a complete jpeg bank from textures given as arrays (benchmarks,
+tests: the format without the synthesis).
+
 The loaders read a jpeg bank like images (BankReader: one pread per texture, no whole-bank load,
 so host memory does not grow with the bank); TextureBank.load puts a whole bank (either storage)
 on a device, for small banks.
@@ -469,6 +472,86 @@ def _build_locked(images: ImageList, out: Path, spec: BankSpec, meta: dict, sour
     write_bytes_atomic(out / INDEX_FILE, json.dumps({**meta, "complete": True}, indent=1).encode())
     (out / DONE_FILE).unlink()
     return BuildReport(out, rows, len(todo), seconds, cpu, workers)
+
+
+# ---------------------------------------------------------------- a bank of given textures
+
+def write_bank_from_arrays(data, out, textures, *, quality: int = 90, algorithm: str = "given",
+                           force: bool = False, chunk: int = 64) -> Path:
+    """Write a complete JPEG bank in `out` for the ImageFolder `data` from `textures`, an iterable
+    of uint8 [size, size, 3] arrays, one per image in dataset index order (texture i is image
+    i's), instead of synthesizing them: the same files, index.json and checks as build_bank's
+    (BankReader, TextureBank.load, the loaders and `fastneg convert --texture-bank` read it).
+
+    For benchmarks and tests, where a bank of the right format and size matters and its content
+    does not. `algorithm` is recorded in index.json (such a bank cannot be resumed by
+    build_bank). Raises ValueError when the count or a shape is wrong (then the bank stays
+    incomplete), FileExistsError for an existing bank without force.
+    """
+    images = scan_image_folder(data)
+    n = len(images)
+    it = iter(textures)
+    try:
+        first = np.asarray(next(it))
+    except StopIteration:
+        raise ValueError(f"no textures given for the {n} images of {images.root}") from None
+    if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3 \
+            or first.shape[0] != first.shape[1]:
+        raise ValueError(f"textures must be uint8 [size, size, 3], got {first.dtype} "
+                         f"{list(first.shape)}")
+    size = first.shape[0]
+    spec = BankSpec(size=size, quality=quality, storage="jpeg")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
+    ident = np.arange(n, dtype=np.int64)
+    meta = {"format": FORMAT, "version": VERSION, "source_root": str(images.root.resolve()),
+            "fingerprint": images.fingerprint(), "images": n, "rows": n, "size": size,
+            "limit": None, "storage": "jpeg", "quality": quality, "algorithm": algorithm,
+            "complete": False}
+    out = Path(out)
+    _check_out(out, meta, False, force)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(out / LOCK_FILE, f"texture bank {out} (being written)")
+    try:
+        for name in BANK_FILES:
+            if name != LOCK_FILE:
+                (out / name).unlink(missing_ok=True)
+        write_bytes_atomic(out / INDEX_FILE, json.dumps(meta, indent=1).encode())
+        _save_npy_atomic(out / ROWS_FILE, ident)
+        _save_npy_atomic(out / SOURCES_FILE, ident)
+        written = 0
+        with _JpegWriter(out, spec, n, np.zeros(n, np.uint8)) as store:
+            pending = [first]
+            for tex in it:
+                pending.append(np.asarray(tex))
+                if len(pending) == chunk:
+                    written = _store_given(store, pending, written, n, size, quality)
+                    pending = []
+            written = _store_given(store, pending, written, n, size, quality)
+            if written != n:
+                raise ValueError(f"got {written} textures for the {n} images of {images.root}")
+            store.finish()
+        write_bytes_atomic(out / INDEX_FILE,
+                           json.dumps({**meta, "complete": True}, indent=1).encode())
+    finally:
+        lock.close()
+    return out
+
+
+def _store_given(store: _JpegWriter, pending: list, written: int, n: int, size: int,
+                 quality: int) -> int:
+    """Encode and append the textures `pending` as rows written.., the new count."""
+    if not pending:
+        return written
+    if written + len(pending) > n:
+        raise ValueError(f"more textures than the {n} images of the dataset")
+    for t in pending:
+        if t.dtype != np.uint8 or t.shape != (size, size, 3):
+            raise ValueError(f"texture {written}: expected uint8 [{size}, {size}, 3], got "
+                             f"{t.dtype} {list(t.shape)}")
+    store.write(np.arange(written, written + len(pending)),
+                [encode_jpeg(t, quality) for t in pending])
+    return written + len(pending)
 
 
 # ---------------------------------------------------------------- preview
