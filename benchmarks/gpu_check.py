@@ -91,7 +91,7 @@ def _make_image(job):
 
     from fastneg.data.synthetic import image_rng, render
     spec, index, label, path = job
-    img, _ = render("train", label, image_rng(spec.seed, "train", index), spec)
+    img = render("train", label, image_rng(spec.seed, "train", index), spec)[0]   # the pixels
     Image.fromarray(img).save(path, format="JPEG", quality=spec.quality)
 
 
