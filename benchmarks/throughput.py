@@ -468,7 +468,7 @@ def patch_vs_copy(batch_size: int, size: int, device: str, repeats: int = 15) ->
                                         seed=0, out=out),
                 lambda: out.copy_(x))
         inner = max(1, (64 << 20) // (2 * x.nbytes))     # ~64 MB moved per timing
-        patch_s, copy_s = alternate(pair, dev, repeats, inner)
+        (patch_s, _), (copy_s, _) = alternate(pair, dev, repeats, inner)   # device seconds
         fractions[name] = copy_s / patch_s
     return fractions
 

@@ -251,3 +251,14 @@ def test_moco_step_smoke_on_cpu(tiny_data, tmp_path, negatives):
         assert 0 <= row["data_wait_pct"] <= 100
     else:
         assert row["status"] == "unavailable" and row["reason"]
+
+
+def test_patch_vs_copy_gives_one_speed_fraction_per_layout():
+    """The goals line's copy comparison: device-seconds ratios, positive and finite."""
+    sys.path.insert(0, str(BENCH))   # throughput imports benchmarks/kernels.py by name
+    try:
+        fractions = throughput.patch_vs_copy(2, 16, "cpu", repeats=1)
+    finally:
+        sys.path.remove(str(BENCH))
+    assert set(fractions) == {"float32 NCHW", "uint8 NHWC"}
+    assert all(isinstance(f, float) and 0 < f < float("inf") for f in fractions.values())
