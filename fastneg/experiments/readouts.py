@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastneg.data.files import available_cpus
 from fastneg.data.synthetic import DatasetSpec, make_dataset
 from fastneg.experiments.shape_bias import (METHODS, TRAIN_SCRIPT, Job, _cell, _stats,
                                             job_done, run_all)
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     summary = summarize(results)
     wall = time.perf_counter() - start
     report = {"setup": asdict(setup), "quick": args.quick, "wall_s": wall, "reused_runs": reused,
-              "python": sys.version.split()[0], "cores": len(os.sched_getaffinity(0)),
+              "python": sys.version.split()[0], "cores": available_cpus(),
               "summary": summary, "runs": results}
     (out / "readouts.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "readouts.md").write_text(markdown(summary, setup, None if reused else wall))
