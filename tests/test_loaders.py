@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -410,3 +412,26 @@ def test_torch_backend_decodes_each_image_once(data, monkeypatch):
                                      device="cpu", workers=0, drop_last=False, views=3))
     assert len(calls) == len(set(calls)) == len(indices_of(batches)) == len(data.images)
     assert all(len(b.views) == 3 for b in batches)
+
+
+def test_damaged_png_is_a_decode_error_not_a_crash(tmp_path):
+    """A PNG whose header and IEND are intact but whose image data is broken passes the
+    pre-flight check; torchvision's PNG decoder can crash the process on it (SIGSEGV), so the
+    torch loader decodes PNGs with PIL and reports a RuntimeError (in a child process, so that
+    a crash fails this test instead of killing pytest)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    path = tmp_path / "broken.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 4
+    data[start + 40:start + 400] = bytes(360)         # zeros in the middle of the zlib stream
+    path.write_bytes(bytes(data))
+    code = ("import sys, torch\n"
+            "from fastneg.loaders.torch_loader import _decode_cpu\n"
+            "raw = torch.frombuffer(bytearray(open(sys.argv[1], 'rb').read()), dtype=torch.uint8)\n"
+            "try:\n    _decode_cpu(raw)\nexcept RuntimeError as e:\n    print('decode error:', e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "decode error: PNG" in done.stdout, done.stdout

@@ -21,6 +21,7 @@ workers never need to be told about set_epoch.
 """
 from __future__ import annotations
 
+import io
 import math
 import queue
 import threading
@@ -43,8 +44,23 @@ def _read(path: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _decode_cpu(encoded: torch.Tensor) -> torch.Tensor:
-    """uint8 [3, H, W] RGB (grayscale, CMYK and palette images converted as PIL does)."""
+    """uint8 [3, H, W] RGB (grayscale, CMYK and palette images converted as PIL does); a file
+    that cannot be decoded raises RuntimeError.
+
+    PNGs are decoded by PIL: torchvision 0.29's PNG decoder kills the process (SIGSEGV) on some
+    damaged files that pass the pre-flight check (header and IEND intact, image data broken)."""
+    if bytes(encoded[:8].tolist()) == PNG_SIGNATURE:
+        from PIL import Image
+        try:
+            with Image.open(io.BytesIO(encoded.numpy().tobytes())) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for broken data
+            raise RuntimeError(f"PNG: {e}") from None
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
     return decode_image(encoded, mode=ImageReadMode.RGB)
 
 
