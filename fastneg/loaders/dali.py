@@ -3,10 +3,10 @@
 Reads an ImageFolder (JPEG and PNG by content). One graph for both devices, built once per
 Loader:
 
-    external_source, parallel (file bytes in fastneg's order, dataset indices, one crop window
-                    per view; with a texture bank also the textures' JPEG bytes, crop windows and
-                    flips), computed a batch at a time by DALI's Python worker processes, ahead
-                    of the pipeline, so file reads overlap decoding and training
+    external_source (file bytes in fastneg's order, dataset indices, one crop window per view;
+                    with a texture bank also the textures' JPEG bytes, crop windows and flips),
+                    a batch at a time; with a GPU by DALI's Python worker processes (parallel),
+                    ahead of the pipeline, so file reads overlap decoding and training
       -> decoders.image   device "mixed" on a GPU (nvJPEG, and the hardware JPEG decoder where
                           the GPU has one), "cpu" with device_id=None otherwise; once per sample
       -> resize(roi = the view's window, size x size)   per view, from the one decoded image
@@ -25,7 +25,8 @@ first batch is scheduled; the workers read it (BatchInfo.epoch_idx says which sl
 pipeline is rebuilt only when an epoch is left before its end (DALI cannot reset mid-epoch) or
 after a decode error (which ends a DALI pipeline); a file that failed once is left out of every
 later batch, so it costs one rebuild per Loader, not one per epoch.
-Worker processes start by fork on the CPU and by spawn with a GPU (fork after CUDA is unsafe).
+Worker processes read the files with a GPU only, started by spawn (fork after CUDA, or from a
+process with threads, is unsafe); on the CPU the callback runs in the pipeline's own thread.
 """
 from __future__ import annotations
 
@@ -165,15 +166,20 @@ class Loader(LoaderBase):
         @pipeline_def(batch_size=cfg.batch_size, num_threads=max(1, cfg.workers),
                       device_id=cfg.device.index if self._on_gpu else None, exec_dynamic=True,
                       py_num_workers=py_workers,
-                      py_start_method="spawn" if self._on_gpu else "fork")
+                      py_start_method="spawn")
         def graph():
             outputs = 2 + 2 * cfg.views + (4 if with_bank else 0)
             dtypes = [types.UINT8, types.INT64] + [types.FLOAT] * (2 * cfg.views)
             if with_bank:
                 dtypes += [types.UINT8, types.FLOAT, types.FLOAT, types.INT32]
+            # Worker processes only with a GPU (spawned): on the CPU the reads are small next to
+            # the decode, and workers forked from a process with threads (torch's, another
+            # pipeline's) can deadlock and then hang the parent's exit.
+            parallel = {"parallel": True, "prefetch_queue_depth": max(2, py_workers)} \
+                if self._on_gpu else {"parallel": False}
             encoded, indices, *rest = fn.external_source(
-                source=source, num_outputs=outputs, batch=True, batch_info=True, parallel=True,
-                prefetch_queue_depth=max(2, py_workers), dtype=dtypes)
+                source=source, num_outputs=outputs, batch=True, batch_info=True, dtype=dtypes,
+                **parallel)
             windows = rest[:2 * cfg.views]
             # No EXIF rotation, like torchvision and PIL: the header's size is the pixel size.
             decoded = fn.decoders.image(encoded, device=device, output_type=types.RGB,
