@@ -231,17 +231,23 @@ class MoCoV2Augment:
             params = params.to(x.device, non_blocking=True)
         return params
 
-    def _apply_fused_cpu(self, x, p):
-        """apply() on CPU tensors: pack the draws, one call of fastneg.augment_cpu's kernel."""
-        from fastneg import augment_cpu    # loaded on the first CPU batch
-        n, h, w, _ = x.shape
-        # the torch path skips an op whose probability is 0 whatever the draws say: so does this
+    def _packed_draws(self, p, h, w):
+        """The fused kernels' inputs (CPU and CUDA alike): per-sample op flags (flip, jitter,
+        grey, blur), jitter factors, and the blur's row and column taps."""
+        # the torch path skips an op whose probability is 0 whatever the draws say: so do these
         flags = torch.stack([p.flip & (self.flip_p > 0), p.jitter_on & (self.jitter_p > 0),
                              p.gray & (self.gray_p > 0), p.blur_on & (self.blur_p > 0)], 1)
         hue = p.hue if self.jitter[3] > 0 else torch.zeros_like(p.hue)
         factors = torch.stack([p.brightness, p.contrast, p.saturation, hue], 1).float()
         kernel_x = _gaussian_kernels(p.sigma.float(), blur_kernel_size(w))
         kernel_y = _gaussian_kernels(p.sigma.float(), blur_kernel_size(h))
+        return flags, factors, kernel_x, kernel_y
+
+    def _apply_fused_cpu(self, x, p):
+        """apply() on CPU tensors: pack the draws, one call of fastneg.augment_cpu's kernel."""
+        from fastneg import augment_cpu    # loaded on the first CPU batch
+        n, h, w, _ = x.shape
+        flags, factors, kernel_x, kernel_y = self._packed_draws(p, h, w)
         scale, shift = (t.view(3).numpy() for t in self._normalization(x.device))
         # numpy asks the kernel for transparent huge pages on large arrays, torch.empty does not:
         # first-touch page faults on the fresh output cost ~2x less (measured, 224 px batches)
@@ -261,12 +267,7 @@ class MoCoV2Augment:
         n, h, w, _ = x.shape
         if w > augment_cuda.MAX_WIDTH:
             return self._apply_torch(x, p)
-        flags = torch.stack([p.flip & (self.flip_p > 0), p.jitter_on & (self.jitter_p > 0),
-                             p.gray & (self.gray_p > 0), p.blur_on & (self.blur_p > 0)], 1)
-        hue = p.hue if self.jitter[3] > 0 else torch.zeros_like(p.hue)
-        factors = torch.stack([p.brightness, p.contrast, p.saturation, hue], 1).float()
-        kernel_x = _gaussian_kernels(p.sigma.float(), blur_kernel_size(w))
-        kernel_y = _gaussian_kernels(p.sigma.float(), blur_kernel_size(h))
+        flags, factors, kernel_x, kernel_y = self._packed_draws(p, h, w)
         scale, shift = (t.view(3) for t in self._normalization(x.device))
         luma = self._constants.get((x.device, "luma"))
         if luma is None:
