@@ -129,34 +129,34 @@ def _copy_bytes(typingctx, dst, dst_start, src, src_start, count):
 @cached_njit(parallel=True)
 def _patch_cpu(src, out, tiles, sizes, seed, step, planes, h, w, q, lo, hi, permute):
     """src, out: flat uint8 memory of [N, P, H, W * q] (q = bytes per pixel within a row)."""
-    n = sizes.shape[0]
     row_bytes = w * q
-    for i in numba.prange(n):
-        sizes[i] = _draw_tiles_cpu(seed, step, i, h, w, lo, hi, permute, tiles[i])
-    # One task per (sample, band of d rows), copied tile by tile: a tile's d source rows are a
-    # constant-stride stream that the prefetcher follows (row by row, every span jumped to a
-    # random source row and the kernel ran 2-3x slower).
-    bands = h // lo + 1
-    for task in numba.prange(n * bands):
-        i = task // bands
-        ty = task - i * bands
-        d = sizes[i]
-        if ty * d >= h:                    # this sample has fewer bands
-            continue
+    # One task per sample, draws and copy together: at batch 64 that is 64 tasks of ~8 us on
+    # 2 cores; one task per band of d rows (~1,000 tasks of <1 us) cost more in scheduling than
+    # it gained in balance (uint8 NHWC 64 x 224^2: 0.47 -> 0.25 ms, float32 NCHW unchanged).
+    for i in numba.prange(sizes.shape[0]):
+        d = _draw_tiles_cpu(seed, step, i, h, w, lo, hi, permute, tiles[i])
+        sizes[i] = d
         nw = w // d + 1
-        rows = min(d, h - ty * d)
-        for p in range(planes):
-            plane = (i * planes + p) * h
-            for tx in range(nw):
-                c0 = tx * d
-                if c0 >= w:
-                    break
-                k = ty * nw + tx
-                out_start = (plane + ty * d) * row_bytes + c0 * q
-                src_start = (plane + tiles[i, k, 0]) * row_bytes + tiles[i, k, 1] * q
-                for dy in range(rows):
-                    _copy_bytes(out, out_start + dy * row_bytes, src, src_start + dy * row_bytes,
-                                min(d, w - c0) * q)
+        for ty in range(h // d + 1):
+            if ty * d >= h:
+                break
+            rows = min(d, h - ty * d)
+            # Tile by tile: a tile's d source rows are a constant-stride stream that the
+            # prefetcher follows (row by row, every span jumped to a random source row and the
+            # kernel ran 2-3x slower).
+            for p in range(planes):
+                plane = (i * planes + p) * h
+                for tx in range(nw):
+                    c0 = tx * d
+                    if c0 >= w:
+                        break
+                    k = ty * nw + tx
+                    out_start = (plane + ty * d) * row_bytes + c0 * q
+                    src_start = (plane + tiles[i, k, 0]) * row_bytes + tiles[i, k, 1] * q
+                    span = min(d, w - c0) * q
+                    for dy in range(rows):
+                        _copy_bytes(out, out_start + dy * row_bytes,
+                                    src, src_start + dy * row_bytes, span)
 
 
 # CUDA kernel sources: plain Python whose globals `cuda` and `_draw` are bound by cuda_kernels()
