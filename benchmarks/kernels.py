@@ -93,17 +93,42 @@ def seconds_per_call(fn, device, inner) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def alternate(pair, device, repeats, inner):
+def alternate(pair, device, repeats, inner, before=None):
     """[(median device seconds, median host seconds) per call] for each function of `pair`,
-    measured in alternation."""
+    measured in alternation; before(), when given, runs untimed ahead of every measurement."""
     times = [[], []]
     for fn in pair:                                   # warm-up: JIT compile, allocator
         fn()
     for _ in range(repeats):
         for k, fn in enumerate(pair):
+            if before is not None:
+                before()
             times[k].append(timed_calls(fn, device, inner))
     return [(statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs))
             for runs in times]
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of this CPU's largest cache in bytes (Linux sysfs), or None where unknown."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=None)
+
+
+def cache_evictor(device):
+    """A function that pushes every earlier tensor out of the caches (CPU: the last-level cache;
+    CUDA: L2) by writing a buffer four times their size, at least 128 MB."""
+    if device.type == "cuda":
+        cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
+    else:
+        cache = last_level_cache_bytes() or 0
+    junk = torch.empty(max(4 * cache, 128 << 20), dtype=torch.uint8, device=device)
+    return lambda: junk.fill_(1)
 
 
 def patch_anchor(x, layout, samples, repeats):

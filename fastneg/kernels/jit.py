@@ -23,6 +23,21 @@ from numba.core.caching import FunctionCache
 
 KERNELS_DIR = Path(__file__).resolve().parent
 
+# Numba's threading layer for the parallel kernels: OpenMP first, then TBB. Under the tbb layer
+# with oneTBB 2021.8 (Debian 12's libtbb12, which the FFCV build packages pull in) every launch of
+# a parallel kernel cost more than the one before: patch_negatives on a tiny batch took 47 us per
+# call over its first 5,000 calls and 761 us over calls 35,000-40,000, against 13 us throughout
+# under omp (2-core AMD EPYC, benchmarks/launch_overhead.py). The omp layer does not grow. Its
+# GNU OpenMP pool is not torch's (torch loads its own libgomp), so both pools should sleep, not
+# spin, while they wait: OMP_WAIT_POLICY=PASSIVE, which train/moco.py and the benchmarks set.
+# Caveat (Numba's docs): under GNU OpenMP a process forked after a parallel kernel ran must not
+# launch one itself (Numba stops it); fastneg's forked workers (DataLoader, texture synthesis,
+# corruptions) launch none. A NUMBA_THREADING_LAYER(_PRIORITY) set by the user wins.
+PREFERRED_THREADING_LAYERS = ["omp", "tbb", "workqueue"]
+if numba.config.THREADING_LAYER == "default" and \
+        "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = PREFERRED_THREADING_LAYERS
+
 
 @functools.lru_cache(maxsize=None)
 def _file_digest(path: str, mtime_ns: int, size: int) -> bytes:
