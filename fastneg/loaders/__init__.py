@@ -68,6 +68,7 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
     (and logged at the end of each epoch); see loaders.common.LoaderBase for files that fail
     only when decoded.
     """
+    from fastneg.data.ffcv_import import import_ffcv
     from fastneg.loaders.common import LoaderConfig
 
     if kind not in _BACKENDS:
@@ -79,7 +80,10 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
                        texture_bank=None if texture_bank is None else str(texture_bank))
     module_name, package, extra = _BACKENDS[kind]
     try:
-        importlib.import_module(package)
+        if kind == "ffcv":
+            import_ffcv()              # not a plain import: see fastneg.data.ffcv_import
+        else:
+            importlib.import_module(package)
     except ImportError as e:
         raise ImportError(f"the {kind!r} loader needs {package}, which cannot be imported here "
                           f"({e}); install it with: pip install 'fastneg[{extra}]'") from e

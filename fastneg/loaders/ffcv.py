@@ -28,9 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastneg.data.ffcv_import import import_ffcv
+
+import_ffcv()   # first: FFCV's own import would compile Numba's typed dict (2.4 s, every process)
+import ffcv._libffcv  # noqa: E402 (FFCV's imports after import_ffcv)
+import ffcv.libffcv
+import llvmlite.binding as llvm
+import numba
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES
-from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader as FfcvLoader
 from ffcv.loader import OrderOption
 from ffcv.loader.epoch_iterator import EpochIterator
@@ -46,10 +53,30 @@ from numba.extending import intrinsic
 
 from fastneg.data import convert
 from fastneg.kernels.crop import rrc_box_cpu
+from fastneg.kernels.jit import cached_njit
 from fastneg.kernels.textures import PARAMS, _draw_params_cpu
+from fastneg.loaders import common
 from fastneg.loaders.batch import Batch
 from fastneg.loaders.common import (TEXTURE_RATIO, TEXTURE_SCALE, LoaderBase, LoaderConfig,
                                     center_box_cpu, view_slot)
+
+# FFCV's JPEG decoder and OpenCV resize, called by symbol name instead of through ffcv.libffcv's
+# ctypes pointers: Numba cannot cache a kernel that holds a pointer constant, and can cache one
+# that calls a named symbol, so the decode kernels below load from the cache in a second process
+# instead of compiling there (2.1 s of its first batch). The signatures are ffcv 1.0.2's
+# (libffcv.cpp), checked against ffcv.libffcv's ctypes declarations.
+if (len(ffcv.libffcv.ctypes_imdecode.argtypes), len(ffcv.libffcv.ctypes_resize.argtypes)) \
+        != (13, 11):
+    raise ImportError("this FFCV's libffcv has other function signatures than ffcv 1.0.2's, "
+                      "which fastneg's FFCV loader calls: pip install 'fastneg[ffcv]'")
+llvm.load_library_permanently(ffcv._libffcv.__file__)
+_U32 = types.uint32
+_IMDECODE = types.ExternalFunction("imdecode", types.intc(
+    types.voidptr, types.uint64, _U32, _U32,                # JPEG bytes, their size, h, w
+    types.voidptr, _U32, _U32, _U32, _U32, _U32, _U32,      # output, crop h, w, x, y, scale
+    types.boolean, types.boolean))                          # crop, flip
+_RESIZE = types.ExternalFunction("resize", types.void(
+    *[types.int64] * 11))    # 0, src, src h, w, row0, row1, col0, col1, dst, dst h, w
 
 
 @intrinsic
@@ -82,8 +109,7 @@ class DecodeOnceCrops(Operation):
 
     def generate_code(self):
         cfg = self.cfg
-        mem_read, sample_range = self.memory_read, Compiler.get_iterator()
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        threads = Compiler.num_threads
         n_views, size, seed = cfg.views, cfg.size, cfg.seed
         center = cfg.scale is None
         scale_lo, scale_hi = (0.0, 0.0) if center else cfg.scale
@@ -92,32 +118,47 @@ class DecodeOnceCrops(Operation):
         slots_per_view = view_slot(1) - slot0
         epoch_address = self.epoch_cell.ctypes.data
 
+        # FFCV compiles this small function in every process; the work is in _decode_crops,
+        # which loads from Numba's cache.
         def decode(batch_indices, buffers, metadata, storage_state):
             destination, scratch = buffers
             n = len(batch_indices)
-            epoch = _load_int64(epoch_address)
             # The slot's [n, views, ...] memory, read as [views, n, ...]: contiguous views.
             out = destination.reshape(-1)[:n_views * n * size * size * 3].reshape(
                 (n_views, n, size, size, 3))
-            for k in sample_range(n):
-                sample = np.int64(batch_indices[k])
-                field = metadata[sample]
-                h, w = np.int64(field["height"]), np.int64(field["width"])
-                pixels = scratch[k][:h * w * 3].reshape((h, w, 3))
-                imdecode_c(mem_read(field["data_ptr"], storage_state), pixels,
-                           h, w, h, w, 0, 0, 1, 1, False, False)
-                for v in range(n_views):
-                    if center:
-                        top, left, ch, cw = center_box_cpu(h, w, size)
-                    else:
-                        top, left, ch, cw = rrc_box_cpu(seed, epoch, sample,
-                                                        slot0 + v * slots_per_view, h, w,
-                                                        scale_lo, scale_hi, logr_lo, logr_hi)
-                    resize_crop_c(pixels, top, top + ch, left, left + cw, out[v, k])
+            numba.set_num_threads(threads)      # this (FFCV's) thread's share of the cores
+            _decode_crops(batch_indices, out, scratch, metadata, storage_state,
+                          _load_int64(epoch_address), seed, center, scale_lo, scale_hi,
+                          logr_lo, logr_hi, slot0, slots_per_view)
             return out
 
-        decode.is_parallel = True
+        decode.is_parallel = False     # the parallel loop is _decode_crops's
         return decode
+
+
+@cached_njit(parallel=True, depends=(common,))
+def _decode_crops(batch_indices, out, scratch, metadata, storage_state, epoch, seed, center,
+                  scale_lo, scale_hi, logr_lo, logr_hi, slot0, slots_per_view):
+    """Decode each sample's JPEG once into scratch[k], crop and resize out[v, k] per view."""
+    mmap, ptrs, sizes = storage_state          # FFCV's OS-cache memory manager's state
+    n_views, size = out.shape[0], out.shape[2]
+    for k in numba.prange(len(batch_indices)):
+        sample = np.int64(batch_indices[k])
+        field = metadata[sample]
+        h, w = np.int64(field["height"]), np.int64(field["width"])
+        address = field["data_ptr"]
+        jpeg = mmap[address:address + sizes[np.searchsorted(ptrs, address)]]
+        pixels = scratch[k][:h * w * 3].reshape((h, w, 3))
+        _IMDECODE(jpeg.ctypes.data, jpeg.size, h, w, pixels.ctypes.data, h, w, 0, 0, 1, 1,
+                  False, False)
+        for v in range(n_views):
+            if center:
+                top, left, ch, cw = center_box_cpu(h, w, size)
+            else:
+                top, left, ch, cw = rrc_box_cpu(seed, epoch, sample, slot0 + v * slots_per_view,
+                                                h, w, scale_lo, scale_hi, logr_lo, logr_hi)
+            _RESIZE(0, pixels.ctypes.data, h, w, top, top + ch, left, left + cw,
+                    out[v, k].ctypes.data, size, size)
 
 
 class TextureCrops(Operation):
@@ -137,9 +178,8 @@ class TextureCrops(Operation):
                 (AllocationQuery(shape, u8), AllocationQuery((self.bank_size ** 2 * 3,), u8)))
 
     def generate_code(self):
-        mem_read, sample_range = self.memory_read, Compiler.get_iterator()
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        seed, size, side = self.cfg.seed, self.cfg.size, self.bank_size
+        threads = Compiler.num_threads
+        seed, side = self.cfg.seed, self.bank_size
         scale_lo, scale_hi = TEXTURE_SCALE
         logr_lo, logr_hi = math.log(TEXTURE_RATIO[0]), math.log(TEXTURE_RATIO[1])
         epoch_address = self.epoch_cell.ctypes.data
@@ -147,28 +187,42 @@ class TextureCrops(Operation):
         def decode(batch_indices, buffers, metadata, storage_state):
             destination, scratch = buffers
             n = len(batch_indices)
-            epoch = _load_int64(epoch_address)
-            for k in sample_range(n):
-                sample = np.int64(batch_indices[k])
-                pixels = scratch[k][:side * side * 3].reshape((side, side, 3))
-                imdecode_c(mem_read(metadata[sample]["ptr"], storage_state), pixels,
-                           side, side, side, side, 0, 0, 1, 1, False, False)
-                p = np.empty(PARAMS, np.int32)
-                _draw_params_cpu(seed, epoch, sample, side, side, scale_lo, scale_hi, logr_lo,
-                                 logr_hi, p)
-                out = destination[k]
-                resize_crop_c(pixels, p[0], p[0] + p[2], p[1], p[1] + p[3], out)
-                if p[4] == 1:
-                    for y in range(size):
-                        for x in range(size // 2):
-                            for c in range(3):
-                                t = out[y, x, c]
-                                out[y, x, c] = out[y, size - 1 - x, c]
-                                out[y, size - 1 - x, c] = t
+            numba.set_num_threads(threads)
+            _decode_textures(batch_indices, destination[:n], scratch, metadata, storage_state,
+                             _load_int64(epoch_address), seed, side, scale_lo, scale_hi,
+                             logr_lo, logr_hi)
             return destination[:n]
 
-        decode.is_parallel = True
+        decode.is_parallel = False     # the parallel loop is _decode_textures's
         return decode
+
+
+@cached_njit(parallel=True)
+def _decode_textures(batch_indices, out, scratch, metadata, storage_state, epoch, seed, side,
+                     scale_lo, scale_hi, logr_lo, logr_hi):
+    """Decode each sample's side x side texture JPEG, crop, resize into out[k], flip."""
+    mmap, ptrs, sizes = storage_state
+    size = out.shape[1]
+    for k in numba.prange(len(batch_indices)):
+        sample = np.int64(batch_indices[k])
+        address = metadata[sample]["ptr"]
+        jpeg = mmap[address:address + sizes[np.searchsorted(ptrs, address)]]
+        pixels = scratch[k][:side * side * 3].reshape((side, side, 3))
+        _IMDECODE(jpeg.ctypes.data, jpeg.size, side, side, pixels.ctypes.data, side, side, 0, 0,
+                  1, 1, False, False)
+        p = np.empty(PARAMS, np.int32)
+        _draw_params_cpu(seed, epoch, sample, side, side, scale_lo, scale_hi, logr_lo, logr_hi,
+                         p)
+        image = out[k]
+        _RESIZE(0, pixels.ctypes.data, side, side, p[0], p[0] + p[2], p[1], p[1] + p[3],
+                image.ctypes.data, size, size)
+        if p[4] == 1:
+            for y in range(size):
+                for x in range(size // 2):
+                    for c in range(3):
+                        t = image[y, x, c]
+                        image[y, x, c] = image[y, size - 1 - x, c]
+                        image[y, size - 1 - x, c] = t
 
 
 class _ReportingEpochIterator(EpochIterator):
@@ -271,7 +325,8 @@ class Loader(LoaderBase):
                 if self._textures else None
         self._ffcv = FfcvLoader(
             str(path), batch_size=cfg.batch_size, num_workers=max(1, cfg.workers),
-            order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines)
+            order=OrderOption.SEQUENTIAL, drop_last=False, pipelines=pipelines,
+            os_cache=True)     # the memory manager whose state the decode kernels read
         self._copy_stream = torch.cuda.Stream(cfg.device) if cfg.device.type == "cuda" else None
 
     def _batches(self, epoch, samples):
