@@ -80,9 +80,11 @@ BASELINE = "published"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "photos"
 SYNTHETIC_DATA = REPO / "data" / "imagenet-like"
-# 640 training images (photos: 80 per class x 8; synthetic: 64 x 10): one epoch covers the
-# default 2 warm-up + 8 measured batches of 64, so no row's timing includes an epoch boundary.
-DEFAULT_IMAGES_PER_CLASS = 64
+# 1,600 training images (photos: 200 per class x 8; synthetic: 160 x 10): one epoch covers the
+# default 2 warm-up + 20 measured batches of 64, so no row's timing includes an epoch boundary.
+# (With 8 measured batches, about half a second per fastneg row, the same row moved by up to
+# 40% from one run to the next on a 2-core VM.)
+DEFAULT_IMAGES_PER_CLASS = 160
 LOADER_ONLY = "loader-only"    # internal negatives kind: the bare loader's batches
 # The CPU goals the summary line checks.
 GOAL_OF_LOADER = 0.6           # finished patch-NS rate / loader-only rate
@@ -450,16 +452,22 @@ def add_loader_rates(records: list, startup: dict, startup_negatives) -> list:
     return kept
 
 
-def patch_vs_copy(batch_size: int, size: int, device: str, repeats: int = 15) -> dict:
-    """{"float32 NCHW": {"memory": f, "cache": f}, "uint8 NHWC": {...}}: patch_negatives into a
-    preallocated output as a fraction of out.copy_(x)'s speed on the same tensor (the batch's
-    shape), measured in alternation (benchmarks/kernels.py has the full comparison).
+def patch_vs_copy(batch_size: int, size: int, device: str, repeats: int = 15,
+                  trials: int = 5) -> dict:
+    """{"float32 NCHW": {"memory": f, "cache": f, "memory_trials": [...], "cache_trials": [...]},
+    "uint8 NHWC": {...}}: patch_negatives into a preallocated output as a fraction of
+    out.copy_(x)'s speed on the same tensor (the batch's shape), measured in alternation
+    (benchmarks/kernels.py has the full comparison); f is the median over `trials` trials, each
+    on freshly allocated tensors (on a 2-core VM the fraction moved by up to 30 points from one
+    allocation to the next, and by a few within one).
 
     "memory": a buffer four times the last-level cache is written before every timed call, so
     both read x and write out from memory: the bandwidth comparison the goal is about.
     "cache": back-to-back calls, so x and out stay in the cache as far as they fit (a 64-image
     uint8 batch, 9.6 MB, fits a 32 MB L3, and the copy then runs at cache speed, several times
     memory bandwidth)."""
+    import statistics
+
     import torch
     from kernels import alternate, cache_evictor
 
@@ -471,16 +479,23 @@ def patch_vs_copy(batch_size: int, size: int, device: str, repeats: int = 15) ->
               "uint8 NHWC": ((batch_size, size, size, 3), torch.uint8, "nhwc")}
     fractions = {}
     for name, (shape, dtype, layout) in shapes.items():
-        x = torch.randint(0, 256, shape, generator=gen).to(dtype).to(dev)
-        out = torch.empty_like(x)
-        pair = (lambda: patch_negatives(x, layout=layout, patch_range=scaled_patch_range(size),
-                                        seed=0, out=out),
-                lambda: out.copy_(x))
-        (patch_s, _), (copy_s, _) = alternate(pair, dev, repeats, 1, before=evict)
-        memory = copy_s / patch_s                       # device seconds, one call per eviction
-        inner = max(1, (64 << 20) // (2 * x.nbytes))    # ~64 MB moved per timing
-        (patch_s, _), (copy_s, _) = alternate(pair, dev, repeats, inner)
-        fractions[name] = {"memory": memory, "cache": copy_s / patch_s}
+        memory, cache = [], []
+        for _ in range(trials):
+            x = torch.randint(0, 256, shape, generator=gen).to(dtype).to(dev)
+            out = torch.empty_like(x)
+            pair = (lambda: patch_negatives(x, layout=layout,
+                                            patch_range=scaled_patch_range(size), seed=0,
+                                            out=out),
+                    lambda: out.copy_(x))
+            (patch_s, _), (copy_s, _) = alternate(pair, dev, repeats, 1, before=evict)
+            memory.append(copy_s / patch_s)                 # device seconds, one call each
+            inner = min(64, max(1, (64 << 20) // (2 * x.nbytes)))   # ~64 MB per timing
+            (patch_s, _), (copy_s, _) = alternate(pair, dev, repeats, inner)
+            cache.append(copy_s / patch_s)
+            del x, out, pair
+        fractions[name] = {"memory": statistics.median(memory),
+                           "cache": statistics.median(cache),
+                           "memory_trials": memory, "cache_trials": cache}
     return fractions
 
 
@@ -524,8 +539,8 @@ def goals_line(records: list, copy: dict | None, startup: dict) -> str:
     parts.append(texture_goal(records))
     if copy:
         ok = min(v["memory"] for v in copy.values()) >= GOAL_OF_COPY
-        detail = ", ".join(f"{k} {v['memory']:.0%} from memory, {v['cache']:.0%} in cache"
-                           for k, v in copy.items())
+        detail = ", ".join(f"{k} {v['memory']:.0%} from memory{_spread(v, 'memory')}, "
+                           f"{v['cache']:.0%} in cache" for k, v in copy.items())
         parts.append(f"patch NS >= {GOAL_OF_COPY:.0%} of copy bandwidth: {_verdict(ok)} "
                      f"({detail})")
     else:
@@ -537,6 +552,14 @@ def goals_line(records: list, copy: dict | None, startup: dict) -> str:
     else:
         parts.append("warm first batch: n/a")
     return "# goals: " + "; ".join(parts)
+
+
+def _spread(fractions: dict, key: str) -> str:
+    """" (lo-hi over n trials)" when the trials are recorded, else ""."""
+    trials = fractions.get(f"{key}_trials") or []
+    if len(trials) < 2:
+        return ""
+    return f" ({min(trials):.0%}-{max(trials):.0%} over {len(trials)} trials)"
 
 
 def texture_goal(records: list) -> str:
@@ -652,16 +675,22 @@ def resolve_device(name: str | None) -> str:
 def default_data(synthetic: bool = False) -> Path:
     """The default dataset's train folder, generated on first use (photos, or --synthetic)."""
     if not synthetic:
-        from fastneg.data.photos import make_photos
+        from fastneg.data.photos import DEFAULT_IMAGES_PER_CLASS as PER_CLASS
+        from fastneg.data.photos import PHOTOS, make_photos
         train = DEFAULT_DATA / "train"
-        if not train.is_dir():     # written whole or not at all (fastneg.data.staging)
+        # written whole or not at all (fastneg.data.staging); a set of another size (an older
+        # default) is made again
+        if not train.is_dir() or sum(1 for _ in train.rglob("*.jpg")) != len(PHOTOS) * PER_CLASS:
             print(f"generating the benchmark photos in {DEFAULT_DATA} (once), like: fastneg "
-                  f"make-data --photos --out {DEFAULT_DATA}", file=sys.stderr, flush=True)
+                  f"make-data --photos --out {DEFAULT_DATA} --force", file=sys.stderr,
+                  flush=True)
             make_photos(DEFAULT_DATA, force=True)
         return train
     from fastneg.data.synthetic import DatasetSpec, make_dataset
     train = SYNTHETIC_DATA / "train"
-    if not (train / "metadata.csv").exists():
+    metadata = train / "metadata.csv"
+    if not metadata.exists() or \
+            len(metadata.read_text().splitlines()) - 1 != 10 * DEFAULT_IMAGES_PER_CLASS:
         print(f"generating the benchmark dataset in {SYNTHETIC_DATA} (once), like: fastneg "
               f"make-data --out {SYNTHETIC_DATA} --imagenet-like --images-per-class "
               f"{DEFAULT_IMAGES_PER_CLASS}", file=sys.stderr, flush=True)
@@ -711,8 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=comma_list(NEGATIVES), default=list(NEGATIVES),
                    help=f"comma list of {', '.join(NEGATIVES)} (default: all)")
     p.add_argument("--batch-size", type=positive, default=64, help="images per batch (default 64)")
-    p.add_argument("--batches", type=positive, default=8,
-                   help="measured batches per row (default 8)")
+    p.add_argument("--batches", type=positive, default=20,
+                   help="measured batches per row (default 20)")
     p.add_argument("--warmup", type=positive, default=2,
                    help="warm-up batches per row, timed apart, the first batch included "
                         "(default 2)")

@@ -113,9 +113,10 @@ def test_loader_only_rows_and_start_up_fold_into_the_rows_of_their_loader():
         ("published", "patch"), ("torch", "none"), ("torch", "patch"), ("dali", "patch")]
     assert [r["of_loader"] for r in kept] == [None, 1.25, 0.75, None]
     assert kept[2]["first_batch_warm_s"] == 2.0 and kept[1]["first_batch_warm_s"] is None
-    copy = {"float32 NCHW": {"memory": 0.8, "cache": 0.5},
+    copy = {"float32 NCHW": {"memory": 0.8, "cache": 0.5, "memory_trials": [0.6, 0.8, 0.9]},
             "uint8 NHWC": {"memory": 0.75, "cache": 0.4}}
     line = throughput.goals_line(kept, copy, {"torch": (30.0, 2.0)})
+    assert "float32 NCHW 80% from memory (60%-90% over 3 trials), 50% in cache" in line, line
     # torch: 75% of its loader, 4.5x the baseline; copy >= 70% from memory (the goal; in cache
     # is shown only); warm start 2 s
     assert line.count("PASS") == 3 and "FAIL" not in line, line
@@ -259,13 +260,16 @@ def test_patch_vs_copy_gives_speed_fractions_per_layout_from_memory_and_in_cache
     """The goals line's copy comparison: device-seconds ratios, positive and finite."""
     sys.path.insert(0, str(BENCH))   # throughput imports benchmarks/kernels.py by name
     try:
-        fractions = throughput.patch_vs_copy(2, 16, "cpu", repeats=1)
+        fractions = throughput.patch_vs_copy(2, 16, "cpu", repeats=1, trials=3)
     finally:
         sys.path.remove(str(BENCH))
     assert set(fractions) == {"float32 NCHW", "uint8 NHWC"}
     for f in fractions.values():
-        assert set(f) == {"memory", "cache"}
-        assert all(isinstance(v, float) and 0 < v < float("inf") for v in f.values())
+        assert set(f) == {"memory", "cache", "memory_trials", "cache_trials"}
+        for key in ("memory", "cache"):
+            trials = f[f"{key}_trials"]
+            assert len(trials) == 3 and all(0 < v < float("inf") for v in trials)
+            assert f[key] == sorted(trials)[1]          # the median trial
 
 
 def test_copy_probe_runs_in_a_child_with_the_rows_environment(tmp_path):

@@ -28,7 +28,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistoche
 SIZES = ((500, 375, 0.5), (375, 500, 0.2), (500, 333, 0.15), (500, 500, 0.15))
 AREA = (0.35, 1.0)            # crop area as a fraction of the largest crop of the target aspect
 QUALITY = 90
-DEFAULT_IMAGES_PER_CLASS = 80   # 640 images: one epoch of 10 batches of 64
+DEFAULT_IMAGES_PER_CLASS = 200  # 1,600 images: one epoch of 25 batches of 64
 # Draw slots per image (fastneg.kernels.rng, sample = the image's index in the set).
 _K_SIZE, _K_AREA, _K_TOP, _K_LEFT, _K_FLIP = range(5)
 
