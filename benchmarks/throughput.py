@@ -72,6 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from fastneg.data.files import available_cpus
+from fastneg.host import keep_freed_memory
 from fastneg.step import PAPER_SIZE, make_views_and_negatives, scaled_patch_range
 
 LOADERS = ("dali", "ffcv", "torch")
@@ -382,7 +383,8 @@ def row_environment() -> dict:
 
     Spinning threads of the main process starve the loader's workers whenever the cores are
     shared (measured on 2 cores: the torch loader went from 16 to 258 img/s); a value the
-    user set is kept.
+    user set is kept. (Every row's process also keeps freed memory for reuse, as train/moco.py
+    does on a CPU: fastneg.host.keep_freed_memory.)
     """
     return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
@@ -769,6 +771,7 @@ def main(argv=None) -> int:
     if args.row or args.copy_probe:
         # Child: the baseline module and benchmarks/kernels.py sit beside this file.
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+        keep_freed_memory()     # every row alike, the baseline too (fastneg.host; row_environment)
         if args.copy_probe:
             copy = patch_vs_copy(args.batch_size, args.size, resolve_device(args.device))
             Path(args.copy_probe).write_text(json.dumps(copy))

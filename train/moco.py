@@ -65,6 +65,7 @@ from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: 
 from fastneg.data.files import available_cpus  # noqa: E402
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
 from fastneg.gpu import refuse_cpu_fallback  # noqa: E402
+from fastneg.host import keep_freed_memory  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
 from fastneg import rundir  # noqa: E402
 from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
@@ -292,6 +293,7 @@ def setup_processes(parser, args) -> Processes:
         device = torch.device("cpu")
         # Share the cores among this node's processes (torchrun would leave each just one).
         torch.set_num_threads(max(1, available_cpus() // local_world))
+        keep_freed_memory()     # each step's 38 MB arrays reuse the last step's pages (fastneg.host)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
