@@ -435,3 +435,24 @@ def test_damaged_png_is_a_decode_error_not_a_crash(tmp_path):
                           timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "decode error: PNG" in done.stdout, done.stdout
+
+
+EXIT_PROBE = """
+import os, sys
+from fastneg.loaders import build_loader
+loader = build_loader("dali", sys.argv[1], batch_size=4, size=32, device="cpu", workers=1)
+it = iter(loader)
+next(it)
+os._kept_until_the_end = (loader, it)    # outlives nvidia.dali's modules at shutdown
+"""
+
+
+def test_dali_pipelines_end_before_the_interpreter_does(data):
+    """A DALI loader (and a suspended epoch) still referenced at exit: no "Exception ignored in
+    Pipeline.__del__" from DALI's modules being torn down first."""
+    if "dali" not in loaders.available_kinds():
+        pytest.skip("DALI is not installed")
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(data.train)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr

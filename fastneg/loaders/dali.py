@@ -30,6 +30,8 @@ process with threads, is unsafe); on the CPU the callback runs in the pipeline's
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import tempfile
 import weakref
@@ -45,6 +47,17 @@ from fastneg.loaders.common import (LoaderBase, LoaderConfig, checked_image_fold
 
 HEADER = 4            # per slot: DALI epoch, loader epoch, batches, samples
 MAX_PY_WORKERS = 4    # file reading is I/O: a few processes keep up with the decoder
+_LIVE = weakref.WeakSet()   # this process's Loaders, whose pipelines end before its exit
+
+
+@atexit.register
+def _end_pipelines() -> None:
+    """Drop every live Loader's pipeline while the interpreter is still whole: a DALI Pipeline
+    left to the end of interpreter shutdown runs its __del__ after the modules it needs are
+    gone, and prints "Exception ignored in Pipeline.__del__ ... TypeError" for each one."""
+    for loader in list(_LIVE):
+        loader._drop_pipeline()
+    gc.collect()
 
 
 class _EpochTable:
@@ -148,6 +161,7 @@ class Loader(LoaderBase):
         self._dali_epoch = 0       # DALI's epoch counter of the current pipeline
         self._fresh = False        # the current pipeline has not run an epoch yet
         self.builds = 0            # pipelines built so far (one unless an epoch was cut short)
+        _LIVE.add(self)
 
     # ------------------------------------------------------------- the pipeline
 
@@ -241,8 +255,13 @@ class Loader(LoaderBase):
             self._start(epoch, plan[b:stop])
             finished = False
             try:
-                for out in self._outputs:
-                    out = out[0]
+                while True:
+                    # next(), not a for loop: a suspended generator then holds the pipeline only
+                    # through self._outputs, which _end_pipelines can drop at exit
+                    try:
+                        out = next(self._outputs)[0]
+                    except StopIteration:
+                        break
                     indices = out["indices"]
                     yield Batch(tuple(out[n] for n in names[:cfg.views]), self._labels[indices],
                                 indices, out.get("textures"))
