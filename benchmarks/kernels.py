@@ -29,17 +29,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
+# Idle OpenMP threads sleep instead of spinning, as in train/moco.py and the throughput rows:
+# torch's pool spinning after a copy_ slowed the next Numba kernel 2x. Set before torch starts.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+import torchvision.transforms.v2.functional as TF  # noqa: E402
+from torchvision.transforms import InterpolationMode  # noqa: E402
 
-from fastneg.kernels import patch_negatives, reference, sample_textures
-from fastneg.kernels.textures import draw_texture_params
+from fastneg.kernels import patch_negatives, reference, sample_textures  # noqa: E402
+from fastneg.kernels.textures import draw_texture_params  # noqa: E402
 
 BANK_SIZE = 64          # textures in the bank
 BANK_SIDE = 224
