@@ -124,6 +124,35 @@ def test_trainer_refuses_paper_preset_on_a_cpu_machine_in_one_line(tmp_path):
     assert len(lines) == 1 and "paper-in100" in lines[0] and "--device cpu" in lines[0], lines
 
 
+def test_resuming_a_gpu_run_without_a_gpu_is_refused_unless_device_cpu(no_gpu, monkeypatch,
+                                                                       tmp_path):
+    """--resume of a run that trained on cuda (a paper preset), without --preset or --device,
+    on a machine with no usable GPU: refused in one line; --device cpu continues it."""
+    import importlib.util
+
+    from fastneg import rundir
+    spec = importlib.util.spec_from_file_location("train_moco_gpu", REPO / "train" / "moco.py")
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    saved = {**vars(trainer.build_parser().parse_args([])), **trainer.PRESETS["paper-in100"],
+             "preset": "paper-in100", "device": "cuda", "bn": "shuffle",
+             "patch_range": [16, 72]}
+    fake = {"args": saved, "step": 10}
+    monkeypatch.setattr(rundir, "resume_checkpoint",
+                        lambda arg: (Path(arg) / "checkpoint.pt", dict(fake), None))
+    parser = trainer.build_parser()
+    with pytest.raises(ValueError) as e:
+        trainer.resolve_args(parser, ["--resume", str(tmp_path)])
+    message = str(e.value)
+    assert "trained on cuda" in message and "paper-in100" in message, message
+    assert "--device cpu" in message and "\n" not in message
+    args, _ = trainer.resolve_args(parser, ["--resume", str(tmp_path), "--device", "cpu"])
+    assert args.device == "cpu" and args.preset == "paper-in100"
+    fake["args"] = {**saved, "device": "cpu", "preset": None}    # a CPU run resumes as before
+    args, _ = trainer.resolve_args(parser, ["--resume", str(tmp_path)])
+    assert args.device == "cpu"
+
+
 # ---------------------------------------------------------------- gathers and shuffle-BN
 
 def test_shuffle_seed_is_valid_and_distinct_for_any_seed():

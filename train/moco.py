@@ -192,7 +192,14 @@ def resolve_args(parser, argv=None):
         if note:
             rundir.note(note)
         ckpt["file"] = str(ckpt_file)   # in memory only: error messages name it
-        resumed = {k: v for k, v in ckpt["args"].items() if k not in NOT_CARRIED}
+        saved = ckpt["args"]
+        if args.device is None and saved.get("device") == "cuda" and device != "cuda":
+            # the GPU run being resumed is not continued on the CPU by accident either
+            raise ValueError(f"--resume {path}: that run trained on cuda"
+                             + (f" (--preset {saved['preset']})" if saved.get("preset") else "")
+                             + " and torch sees no usable GPU here; pass --device cpu to "
+                             "continue it on the CPU")
+        resumed = {k: v for k, v in saved.items() if k not in NOT_CARRIED}
         changed = [k for k in explicit if k in resumed and k not in RUN_CONTROL
                    and as_saved(explicit[k]) != resumed[k]]
         if changed:
