@@ -160,3 +160,20 @@ def test_one_process_defaults_to_split_bn_and_eval_prints_the_table(trainer, dat
         trainer.main(["--data", str(data), "--bn", "split", "--batch-size", "18",
                       "--moco-k", "36", "--size", "32", "--out", str(tmp_path / "bad")])
     assert "--bn-splits" in capsys.readouterr().err
+
+
+def test_cpu_processes_of_a_node_share_the_cores_for_torch_and_numba(trainer, single_process,
+                                                                      monkeypatch, tmp_path):
+    import numba
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")      # two ranks on this node, this one alone
+    parser = trainer.build_parser()
+    args, _ = trainer.resolve_args(parser, ["--device", "cpu", "--out", str(tmp_path / "run")])
+    before = numba.get_num_threads()
+    try:
+        procs = trainer.setup_processes(parser, args)
+        share = max(1, available_cpus() // 2)
+        assert procs.local_world == 2
+        assert torch.get_num_threads() == share
+        assert numba.get_num_threads() == min(share, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        numba.set_num_threads(before)

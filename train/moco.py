@@ -57,6 +57,7 @@ from typing import NamedTuple
 # Idle OpenMP threads sleep instead of spinning: on a CPU the loader's threads share the cores
 # with torch's. Set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numba  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
@@ -298,8 +299,11 @@ def setup_processes(parser, args) -> Processes:
         torch.backends.cudnn.benchmark = True     # fixed shapes: pick the fastest kernels once
     else:
         device = torch.device("cpu")
-        # Share the cores among this node's processes (torchrun would leave each just one).
-        torch.set_num_threads(max(1, available_cpus() // local_world))
+        # Share the cores among this node's processes (torchrun would leave each just one),
+        # torch's threads and the Numba kernels' (aug-plus, negatives) alike.
+        threads = max(1, available_cpus() // local_world)
+        torch.set_num_threads(threads)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         keep_freed_memory()     # each step's 38 MB arrays reuse the last step's pages (fastneg.host)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
