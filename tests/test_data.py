@@ -214,3 +214,29 @@ def test_unknown_colour_mode_is_refused(tmp_path):
         make_dataset(tmp_path / "x", DatasetSpec(images_per_class=1, size=16, colour="pink"),
                      progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_path_table_gives_the_listings_paths_in_less_memory(tmp_path):
+    import pickle
+
+    from fastneg.data.imagefolder import PathTable
+    names = ["a/plain.jpg", "a/with space.jpg", "b/ünï çødé.jpg", "b/x" * 40 + ".jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="JPEG")
+    listing = scan_image_folder(tmp_path)
+    table = PathTable.of(listing)
+    expected = [str(listing.path(i)) for i in range(len(listing))]
+    assert len(table) == len(expected) == 4
+    assert [table[i] for i in range(len(table))] == expected
+    assert table[np.int64(2)] == expected[2]
+    for bad in (-1, 4):
+        with pytest.raises(IndexError, match="out of range"):
+            table[bad]
+    copy = pickle.loads(pickle.dumps(table))
+    assert [copy[i] for i in range(4)] == expected
+    many = PathTable("/data/imagenet/train", [f"n{i:08d}/n{i:08d}_{i}.JPEG" for i in range(20000)])
+    as_list = [many[i] for i in range(len(many))]
+    list_bytes = sys.getsizeof(as_list) + sum(sys.getsizeof(p) for p in as_list)
+    table_bytes = sys.getsizeof(many._blob) + many._offsets.nbytes
+    assert table_bytes < list_bytes / 2, (table_bytes, list_bytes)

@@ -304,7 +304,7 @@ def setup_processes(parser, args) -> Processes:
         threads = max(1, available_cpus() // local_world)
         torch.set_num_threads(threads)
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        keep_freed_memory()     # each step's 38 MB arrays reuse the last step's pages (fastneg.host)
+        keep_freed_memory()     # a step's 38 MB arrays reuse the last step's pages (fastneg.host)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",

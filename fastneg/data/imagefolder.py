@@ -69,6 +69,34 @@ class ImageList:
         return h.hexdigest()
 
 
+class PathTable:
+    """The absolute paths of a listing's files, packed into one bytes buffer with offsets instead
+    of a Python string per file: 38 bytes per file instead of 108 for ImageNet's names (1.28M
+    files: 49 MB instead of 138 MB in every loader of every rank). Indexable like the list of
+    str it replaces: table[i] == str(listing.path(i))."""
+
+    def __init__(self, root, files):
+        self.root = str(Path(root))
+        encoded = [os.fsencode(f) for f in files]
+        self._offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._blob = b"".join(encoded)
+
+    @classmethod
+    def of(cls, listing: ImageList) -> "PathTable":
+        return cls(listing.root, listing.files)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i) -> str:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"file index {i} out of range for {len(self)} files")
+        start, end = self._offsets[i], self._offsets[i + 1]
+        return os.path.join(self.root, os.fsdecode(self._blob[start:end]))
+
+
 def scan_image_folder(root) -> ImageList:
     """List an ImageFolder; a clear error for a missing/empty root or an empty class folder."""
     root = Path(root)

@@ -41,6 +41,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from fastneg.data.imagefolder import PathTable
 from fastneg.loaders.batch import Batch
 from fastneg.loaders.common import (LoaderBase, LoaderConfig, checked_image_folder, crop_boxes,
                                     open_texture_bank, texture_params)
@@ -148,7 +149,7 @@ class Loader(LoaderBase):
         check = checked_image_folder(data, cfg)
         images = check.images
         super().__init__(cfg, check.good, check.bad_files, images.classes)
-        self._paths = [str(images.path(i)) for i in range(len(images))]
+        self._paths = PathTable.of(images)
         self._heights, self._widths = check.heights, check.widths
         self._on_gpu = cfg.device.type == "cuda"
         self._labels = torch.from_numpy(images.labels).to(cfg.device)   # looked up on the device
