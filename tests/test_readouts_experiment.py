@@ -1,4 +1,6 @@
 """fastneg.experiments.readouts: pairing by seed, the tables and plots (no training here)."""
+import json
+
 import pytest
 
 from fastneg.experiments import readouts as ex
@@ -63,3 +65,15 @@ def test_run_commands_are_accepted_by_the_trainer_and_eval(tmp_path):
             parsed = fastneg_parser().parse_args(cmd[3:])
             assert parsed.verb == "eval" and parsed.data == str(tmp_path / data)
         assert eval_cmd[-1].endswith("eval.json")   # job_done looks for it: written last
+
+
+def test_finish_writes_the_report_and_table_and_fails_on_failed_runs(tmp_path, capsys):
+    from fastneg.experiments.shape_bias import finish
+    plot = tmp_path / "a.png"
+    assert finish(tmp_path, "x", {"wall_s": 60.0}, "| table |\n", [plot], 60.0, []) == 0
+    assert json.loads((tmp_path / "x.json").read_text()) == {"wall_s": 60.0}
+    assert (tmp_path / "x.md").read_text() == "| table |\n"
+    out = capsys.readouterr().out
+    assert f"wrote {plot}" in out and "| table |" in out and "total 1.0 min" in out
+    assert finish(tmp_path, "x", {}, "t\n", [], 1.0, ["moco-s0: exit 1"]) == 1
+    assert "moco-s0: exit 1" in capsys.readouterr().err

@@ -45,7 +45,8 @@ import numpy as np
 from fastneg.data.files import available_cpus
 from fastneg.data.synthetic import DatasetSpec, make_dataset
 from fastneg.experiments.shape_bias import (METHODS, TRAIN_SCRIPT, Job, _cell, _stats,
-                                            job_done, run_all)
+                                            experiment_parser, finish, job_done,
+                                            require_trainer, run_all)
 
 DEV_DATA_SEED, MAIN_DATA_SEED = 1, 0
 INDEPENDENT_SEED_OFFSET = 10   # the Trifeature set's data seed: the main (or dev) seed + 10
@@ -292,12 +293,8 @@ def plot(results: dict, summary: dict, out: Path) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Setup()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", required=True, help="experiment folder (reused to continue)")
-    p.add_argument("--dev", action="store_true",
-                   help=f"tuning datasets (data seed {DEV_DATA_SEED} instead of {MAIN_DATA_SEED})")
+    p = experiment_parser(__doc__, f"tuning datasets (data seed {DEV_DATA_SEED} instead of "
+                                   f"{MAIN_DATA_SEED})")
     p.add_argument("--quick", action="store_true",
                    help="a tiny end-to-end check (12 images per class, 32 px, 1 epoch, "
                         "2 seeds); its numbers mean nothing")
@@ -319,9 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not TRAIN_SCRIPT.exists():
-        raise FileNotFoundError(f"the experiment runs the trainer {TRAIN_SCRIPT}, which only a "
-                                "source checkout of fastneg has")
+    require_trainer()
     setup = replace(Setup(), **(QUICK if args.quick else {}),
                     data_seed=DEV_DATA_SEED if args.dev else MAIN_DATA_SEED)
     given = {k: getattr(args, k) for k in ("images_per_class", "size", "p_dominant", "arch",
@@ -352,16 +347,8 @@ def main(argv=None) -> int:
     report = {"setup": asdict(setup), "quick": args.quick, "wall_s": wall, "reused_runs": reused,
               "python": sys.version.split()[0], "cores": available_cpus(),
               "summary": summary, "runs": results}
-    (out / "readouts.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "readouts.md").write_text(markdown(summary, setup, None if reused else wall))
-    for path in plot(results, summary, out):
-        print(f"wrote {path}")
-    print((out / "readouts.md").read_text())
-    print(f"total {wall / 60:.1f} min; results in {out}")
-    if failures:
-        print("failed runs:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return finish(out, "readouts", report, markdown(summary, setup, None if reused else wall),
+                  plot(results, summary, out), wall, failures)
 
 
 if __name__ == "__main__":

@@ -379,16 +379,45 @@ def plot(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- main (shared with readouts)
+
+def experiment_parser(doc: str, dev_help: str) -> argparse.ArgumentParser:
+    """An experiment's parser: its module docstring as description (first paragraph) and epilog
+    (the rest), --out and --dev."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, help="experiment folder (reused to continue)")
+    p.add_argument("--dev", action="store_true", help=dev_help)
+    return p
+
+
+def require_trainer() -> None:
+    if not TRAIN_SCRIPT.exists():
+        raise FileNotFoundError(f"the experiment runs the trainer {TRAIN_SCRIPT}, which only a "
+                                "source checkout of fastneg has")
+
+
+def finish(out: Path, name: str, report: dict, markdown_text: str, plots, wall: float,
+           failures: list) -> int:
+    """Write out/NAME.json and out/NAME.md, print the plots written, the table and the wall
+    time; the exit status (1 when a run failed, naming them on stderr)."""
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown_text)
+    for path in plots:
+        print(f"wrote {path}")
+    print(markdown_text)
+    print(f"total {wall / 60:.1f} min; results in {out}")
+    if failures:
+        print("failed runs:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
     d = Setup()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", required=True, help="experiment folder (reused to continue)")
-    p.add_argument("--dev", action="store_true",
-                   help=f"tuning dataset (data seed {DEV_DATA_SEED} instead of {MAIN_DATA_SEED})")
+    p = experiment_parser(__doc__, f"tuning dataset (data seed {DEV_DATA_SEED} instead of "
+                                   f"{MAIN_DATA_SEED})")
     p.add_argument("--images-per-class", type=int, default=d.images_per_class)
     p.add_argument("--size", type=int, default=d.size)
     p.add_argument("--p-dominant", type=float, default=d.p_dominant)
@@ -410,9 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not TRAIN_SCRIPT.exists():
-        raise FileNotFoundError(f"the experiment runs the trainer {TRAIN_SCRIPT}, which only a "
-                                "source checkout of fastneg has")
+    require_trainer()
     if args.processes < 1:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
     setup = replace(Setup(), data_seed=DEV_DATA_SEED if args.dev else MAIN_DATA_SEED,
@@ -455,16 +482,8 @@ def main(argv=None) -> int:
               "stages_s": stages, "reused_runs": reused,
               "python": sys.version.split()[0], "cores": available_cpus(),
               "summary": summary, "runs": results}
-    (out / "shape_bias.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "shape_bias.md").write_text(markdown(summary, setup, None if reused else wall))
-    for path in plot(results, out):
-        print(f"wrote {path}")
-    print((out / "shape_bias.md").read_text())
-    print(f"total {wall / 60:.1f} min; results in {out}")
-    if failures:
-        print("failed runs:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return finish(out, "shape_bias", report, markdown(summary, setup, None if reused else wall),
+                  plot(results, out), wall, failures)
 
 
 if __name__ == "__main__":
