@@ -25,6 +25,7 @@ import torch
 
 from fastneg.data.files import (FileCheck, UnreadableFiles, available_cpus,  # noqa: F401
                                 check_files, inspect_file, require_readable)
+from fastneg.data.imagefolder import PathTable
 from fastneg.data.index import load_index
 from fastneg.kernels import crop, rng, textures
 
@@ -286,6 +287,16 @@ class LoaderBase:
                              f"{'full ' if cfg.drop_last else ''}batch of {cfg.batch_size}: use "
                              "a smaller batch_size" + (" or drop_last=False" if cfg.drop_last
                                                        else ""))
+
+    def _init_from_folder(self, data, cfg: LoaderConfig) -> tuple[FileCheck, PathTable, object]:
+        """The opening of the ImageFolder backends (DALI, torch): list and check `data`
+        (checked_image_folder), initialise LoaderBase with its readable files, and return the
+        check, the files' paths (packed) and the texture bank's reader (None without one)."""
+        check = checked_image_folder(data, cfg)
+        LoaderBase.__init__(self, cfg, check.good, check.bad_files, check.images.classes)
+        bank = None if cfg.texture_bank is None else open_texture_bank(cfg.texture_bank,
+                                                                       check.images)
+        return check, PathTable.of(check.images), bank
 
     @property
     def skipped(self) -> int:

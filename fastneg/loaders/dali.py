@@ -41,10 +41,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from fastneg.data.imagefolder import PathTable
 from fastneg.loaders.batch import Batch
-from fastneg.loaders.common import (LoaderBase, LoaderConfig, checked_image_folder, crop_boxes,
-                                    open_texture_bank, texture_params)
+from fastneg.loaders.common import LoaderBase, LoaderConfig, crop_boxes, texture_params
 
 HEADER = 4            # per slot: DALI epoch, loader epoch, batches, samples
 MAX_PY_WORKERS = 4    # file reading is I/O: a few processes keep up with the decoder
@@ -146,15 +144,11 @@ class Loader(LoaderBase):
     kind = "dali"
 
     def __init__(self, data, cfg: LoaderConfig):
-        check = checked_image_folder(data, cfg)
-        images = check.images
-        super().__init__(cfg, check.good, check.bad_files, images.classes)
-        self._paths = PathTable.of(images)
+        check, self._paths, self._bank = self._init_from_folder(data, cfg)
         self._heights, self._widths = check.heights, check.widths
         self._on_gpu = cfg.device.type == "cuda"
-        self._labels = torch.from_numpy(images.labels).to(cfg.device)   # looked up on the device
-        self._bank = None if cfg.texture_bank is None else open_texture_bank(cfg.texture_bank,
-                                                                             images)
+        # looked up on the device
+        self._labels = torch.from_numpy(check.images.labels).to(cfg.device)
         crop_boxes(cfg, 0, check.good[:1], check.heights[:1], check.widths[:1], 0)  # compile now
         self._table = _EpochTable(len(check.good), len(self) + 1)
         weakref.finalize(self, self._table.remove)

@@ -32,10 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2.functional import resized_crop
 
-from fastneg.data.imagefolder import PathTable
 from fastneg.loaders.batch import Batch
-from fastneg.loaders.common import (LoaderBase, LoaderConfig, checked_image_folder, crop_boxes,
-                                    open_texture_bank, texture_params)
+from fastneg.loaders.common import LoaderBase, LoaderConfig, crop_boxes, texture_params
 
 PREFETCH = 2   # batches decoded ahead on the GPU path
 
@@ -331,13 +329,10 @@ class Loader(LoaderBase):
     kind = "torch"
 
     def __init__(self, data, cfg: LoaderConfig, device_decode: bool | None = None):
-        check = checked_image_folder(data, cfg)
-        images = check.images
-        super().__init__(cfg, check.good, check.bad_files, images.classes)
+        check, paths, bank = self._init_from_folder(data, cfg)
         self._device_decode = cfg.device.type == "cuda" if device_decode is None else device_decode
-        bank = None if cfg.texture_bank is None else open_texture_bank(cfg.texture_bank, images)
-        self._reader = _BatchReader(PathTable.of(images), images.labels, check.heights,
-                                    check.widths, check.jpeg_rgb, cfg, self._device_decode, bank)
+        self._reader = _BatchReader(paths, check.images.labels, check.heights, check.widths,
+                                    check.jpeg_rgb, cfg, self._device_decode, bank)
         # Compile the box kernel here, once, so forked workers inherit it instead of compiling.
         self._reader.boxes(0, check.good[:1])
         self._plan = _EpochPlan(cfg.batch_size)
