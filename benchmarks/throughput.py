@@ -1,6 +1,6 @@
 """Throughput of the fastneg data path against the pipeline users of the published code run.
 
-    python benchmarks/throughput.py          # all loaders x negatives, < 3 min on 2 CPU cores
+    python benchmarks/throughput.py          # all loaders x negatives, ~3 min on 2 CPU cores
     python benchmarks/throughput.py --loaders torch --negatives patch --json out.json --plot out.png
 
 One row = one (loader, negatives) pair, measured in a fresh child process (so peak RSS is the
@@ -48,8 +48,9 @@ The last line checks the CPU goals: the finished patch-NS rate >= 60% of the loa
 >= 3x the baseline for at least one loader, texture NS >= 85% of patch NS on the same loader
 (the best loader's), patch NS >= 70% of copy bandwidth, a warm start's first batch within 5 s.
 
-Default data: data/photos/train in the checkout, 640 ImageNet-sized JPEG q90 crops of
-scikit-image's sample photos made once with the equivalent of `fastneg make-data --photos`;
+Default data: data/photos/train in the checkout, 1,600 ImageNet-sized JPEG q90 crops of
+scikit-image's sample photos made once with the equivalent of `fastneg make-data --photos`
+(made again when the folder holds another number, e.g. an older default's 640);
 `--synthetic` takes the smooth synthetic set instead (data/imagenet-like, `fastneg make-data
 --imagenet-like`, cheaper to decode than photos). A loader that cannot run here (a missing
 package, no GPU decoder, a failed .beton conversion) is reported as unavailable, with the reason.
