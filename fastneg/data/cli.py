@@ -1,6 +1,7 @@
 """`fastneg make-data`: the embedded shapes dataset."""
 from __future__ import annotations
 
+from fastneg.data.photos import DEFAULT_IMAGES_PER_CLASS as PHOTOS_PER_CLASS
 from fastneg.data.synthetic import COLOUR_MODES, SHAPES, SPLITS, DatasetSpec, make_dataset
 
 
@@ -12,7 +13,7 @@ def register(sub) -> None:
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument("--images-per-class", type=int, default=None,
                    help="training images per class; the other splits get 20%% of it (default 500; "
-                        "with --photos 80)")
+                        f"with --photos {PHOTOS_PER_CLASS})")
     m.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     m.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     m.add_argument("--p-dominant", type=float, default=0.8,
