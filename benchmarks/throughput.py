@@ -570,7 +570,7 @@ def goals_line(records: list, copy: dict | None, startup: dict) -> str:
 
 
 def _spread(fractions: dict, key: str) -> str:
-    """" (lo-hi over n trials)" when the trials are recorded, else ""."""
+    """The text ' (lo-hi over n trials)' when the trials are recorded, else ''."""
     trials = fractions.get(f"{key}_trials") or []
     if len(trials) < 2:
         return ""
@@ -701,11 +701,10 @@ def default_data(synthetic: bool = False) -> Path:
                   flush=True)
             make_photos(DEFAULT_DATA, force=True)
         return train
-    from fastneg.data.synthetic import DatasetSpec, make_dataset
+    from fastneg.data.synthetic import SHAPES, DatasetSpec, make_dataset, read_metadata
     train = SYNTHETIC_DATA / "train"
-    metadata = train / "metadata.csv"
-    if not metadata.exists() or \
-            len(metadata.read_text().splitlines()) - 1 != 10 * DEFAULT_IMAGES_PER_CLASS:
+    if not (train / "metadata.csv").exists() or \
+            len(read_metadata(train)) != len(SHAPES) * DEFAULT_IMAGES_PER_CLASS:
         print(f"generating the benchmark dataset in {SYNTHETIC_DATA} (once), like: fastneg "
               f"make-data --out {SYNTHETIC_DATA} --imagenet-like --images-per-class "
               f"{DEFAULT_IMAGES_PER_CLASS}", file=sys.stderr, flush=True)

@@ -136,18 +136,24 @@ class DecodeOnceCrops(Operation):
         return decode
 
 
+@numba.njit(inline="always")
+def _stored_bytes(storage_state, address):
+    """The bytes a field stored at `address` (FFCV's OS-cache memory manager's state: the
+    memory-mapped file, the sorted start addresses and their sizes)."""
+    mmap, ptrs, sizes = storage_state
+    return mmap[address:address + sizes[np.searchsorted(ptrs, address)]]
+
+
 @cached_njit(parallel=True, depends=(common,))
 def _decode_crops(batch_indices, out, scratch, metadata, storage_state, epoch, seed, center,
                   scale_lo, scale_hi, logr_lo, logr_hi, slot0, slots_per_view):
     """Decode each sample's JPEG once into scratch[k], crop and resize out[v, k] per view."""
-    mmap, ptrs, sizes = storage_state          # FFCV's OS-cache memory manager's state
     n_views, size = out.shape[0], out.shape[2]
     for k in numba.prange(len(batch_indices)):
         sample = np.int64(batch_indices[k])
         field = metadata[sample]
         h, w = np.int64(field["height"]), np.int64(field["width"])
-        address = field["data_ptr"]
-        jpeg = mmap[address:address + sizes[np.searchsorted(ptrs, address)]]
+        jpeg = _stored_bytes(storage_state, field["data_ptr"])
         pixels = scratch[k][:h * w * 3].reshape((h, w, 3))
         _IMDECODE(jpeg.ctypes.data, jpeg.size, h, w, pixels.ctypes.data, h, w, 0, 0, 1, 1,
                   False, False)
@@ -201,12 +207,10 @@ class TextureCrops(Operation):
 def _decode_textures(batch_indices, out, scratch, metadata, storage_state, epoch, seed, side,
                      scale_lo, scale_hi, logr_lo, logr_hi):
     """Decode each sample's side x side texture JPEG, crop, resize into out[k], flip."""
-    mmap, ptrs, sizes = storage_state
     size = out.shape[1]
     for k in numba.prange(len(batch_indices)):
         sample = np.int64(batch_indices[k])
-        address = metadata[sample]["ptr"]
-        jpeg = mmap[address:address + sizes[np.searchsorted(ptrs, address)]]
+        jpeg = _stored_bytes(storage_state, metadata[sample]["ptr"])
         pixels = scratch[k][:side * side * 3].reshape((side, side, 3))
         _IMDECODE(jpeg.ctypes.data, jpeg.size, side, side, pixels.ctypes.data, side, side, 0, 0,
                   1, 1, False, False)
