@@ -33,6 +33,9 @@ FLIP, JITTER, GRAY, BLUR = range(4)
 THREADS = 512           # threads per block (the default launch; at most this many): two
                         # blocks of a 256-image batch per SM of an H100/H200, half occupancy
 MAX_WIDTH = 1024        # the shared row buffer holds 3 planes of this many float32 pixels
+# numba-cuda types a shared array's shape only from an integer literal or a global constant:
+# `3 * MAX_WIDTH` written in the kernel types as int64 and fails type inference on a real target.
+ROW_FLOATS = 3 * MAX_WIDTH
 
 _ZERO, _ONE, _TWO, _FOUR, _SIX = (np.float32(v) for v in (0, 1, 2, 4, 6))
 _MAX = np.float32(255)
@@ -96,7 +99,7 @@ def _kernel(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, sc
     tid = cuda.threadIdx.x  # noqa: F821
     threads = cuda.blockDim.x  # noqa: F821
     partial = cuda.shared.array(THREADS, np.float64)  # noqa: F821
-    row = cuda.shared.array(3 * MAX_WIDTH, np.float32)  # noqa: F821
+    row = cuda.shared.array(ROW_FLOATS, np.float32)  # noqa: F821
     pixels = h * w
     for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):  # noqa: F821
         flip = flags[i, FLIP] != 0
@@ -192,9 +195,9 @@ def _kernel(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, sc
         cuda.syncthreads()  # noqa: F821   (the next sample may reuse shared memory)
 
 
-@functools.cache
-def cuda_kernel():
-    """The kernel compiled for numba.cuda (imported here, on first use)."""
+def cuda_kernel_source():
+    """The kernel as plain Python with its device functions bound (for numba.cuda.jit, or for
+    compile_ptx against a real target in the tests). Imports numba.cuda."""
     from numba import cuda
 
     from fastneg.kernels import rng
@@ -205,7 +208,14 @@ def cuda_kernel():
     names["_hue_channel"] = device(rng._rebind(_hue_channel, names))
     names["_jitter_dev"] = device(rng._rebind(_jitter_op, names))
     names["_reflect_dev"] = device(rng._rebind(_reflect, names))
-    return cuda.jit(rng._rebind(_kernel, names))
+    return rng._rebind(_kernel, names)
+
+
+@functools.cache
+def cuda_kernel():
+    """The kernel compiled for numba.cuda (imported here, on first use)."""
+    from numba import cuda
+    return cuda.jit(cuda_kernel_source())
 
 
 def launch(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, scratch, out,

@@ -191,16 +191,22 @@ def _gather_kernel(src, out, tiles, sizes, w, words_per_pixel):
                     out[i, p, r, out_start + j] = src[i, p, sy, src_start + j]
 
 
-@functools.cache
-def cuda_kernels():
-    """(draw_kernel, gather_kernel) compiled for numba.cuda, which is imported only here."""
+def cuda_kernel_sources():
+    """(draw_kernel, gather_kernel) as plain Python with their device functions bound, for
+    numba.cuda.jit or for compile_ptx against a real target. Imports numba.cuda."""
     from numba import cuda
     _, _, randint = rng.cuda_functions()
     names = {"cuda": cuda}
     names["_draw"] = rng.cuda_device_jit()(
         rng._rebind(_draw_tiles, {"_randint": randint}))
-    return (cuda.jit(rng._rebind(_draw_kernel, names)),
-            cuda.jit(rng._rebind(_gather_kernel, names)))
+    return rng._rebind(_draw_kernel, names), rng._rebind(_gather_kernel, names)
+
+
+@functools.cache
+def cuda_kernels():
+    """(draw_kernel, gather_kernel) compiled for numba.cuda, which is imported only here."""
+    from numba import cuda
+    return tuple(cuda.jit(f) for f in cuda_kernel_sources())
 
 
 class PatchGeometry(NamedTuple):

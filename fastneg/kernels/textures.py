@@ -171,16 +171,22 @@ def _resample_kernel(bank, ids, out, params, magic, shift):
                         wx, wy, den, magic, shift)
 
 
-@functools.cache
-def cuda_kernels():
-    """(params_kernel, resample_kernel) compiled for numba.cuda, which is imported only here."""
+def cuda_kernel_sources():
+    """(params_kernel, resample_kernel) as plain Python with their device functions bound, for
+    numba.cuda.jit or for compile_ptx against a real target. Imports numba.cuda."""
     from numba import cuda
     _, uniform, _ = rng.cuda_functions()
     draw, tap, _, blend = _compile_helpers(rng.cuda_device_jit(), uniform,
                                            crop.rrc_box_cuda())
     names = {"cuda": cuda, "_draw": draw, "_tap_dev": tap, "_blend_dev": blend}
-    return (cuda.jit(rng._rebind(_params_kernel, names)),
-            cuda.jit(rng._rebind(_resample_kernel, names)))
+    return rng._rebind(_params_kernel, names), rng._rebind(_resample_kernel, names)
+
+
+@functools.cache
+def cuda_kernels():
+    """(params_kernel, resample_kernel) compiled for numba.cuda, which is imported only here."""
+    from numba import cuda
+    return tuple(cuda.jit(f) for f in cuda_kernel_sources())
 
 
 def _log_ratio(scale, ratio):
