@@ -271,7 +271,7 @@ class MoCoV2Augment:
         scale, shift = (t.view(3) for t in self._normalization(x.device))
         luma = self._constants.get((x.device, "luma"))
         if luma is None:
-            luma = self._constants[(x.device, "luma")] = torch.tensor(LUMA, device=x.device)
+            luma = self._constants[(x.device, "luma")] = to_device(LUMA, x.device)
         out = augment_cuda.fused_aug_plus_cuda(
             x, flags.to(torch.uint8), factors.contiguous(), p.order.to(torch.int64).contiguous(),
             kernel_x, kernel_y, luma, scale, shift)
@@ -316,7 +316,7 @@ class MoCoV2Augment:
         if device not in self._constants:
             scale = [1 / (255 * s) for s in self.std]
             shift = [-m / s for m, s in zip(self.mean, self.std)]
-            self._constants[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+            self._constants[device] = tuple(to_device(v, device).view(1, 3, 1, 1)
                                             for v in (scale, shift))
         return self._constants[device]
 
@@ -348,6 +348,17 @@ class MoCoV2Augment:
             img = _blend(img, torch.where(after[:, j], factor[:, j], one),
                          gray_w[:, j], mean_w[:, j])
         return img
+
+
+def to_device(values, device) -> torch.Tensor:
+    """float32 tensor of `values` on `device`. To a GPU it goes from pinned memory with a
+    non-blocking copy: torch.tensor(values, device="cuda") copies from pageable memory, which
+    makes the host wait for the stream (a sync that set_sync_debug_mode("error") refuses)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _check_images(x) -> tuple[int, int, int]:

@@ -323,3 +323,19 @@ def test_benchmark_reports_both_paths_per_thread_count(tmp_path):
             assert run[f"{side}_ms_per_img"] > 0 and run[f"{side}_cpu_ms_per_img"] > 0
         assert run["speedup_fused_vs_torch"] == pytest.approx(
             run["torch_ms_per_img"] / run["fused_ms_per_img"])
+
+
+def test_constants_reach_a_gpu_by_a_non_blocking_copy_from_pinned_memory(monkeypatch, images):
+    # torch.tensor(values, device="cuda") copies from pageable memory and blocks the host; the
+    # first apply() on a GPU uploaded its constants that way (a sync under sync-debug "error")
+    from fastneg import augment
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False:
+                        copies.append((torch.device(device), non_blocking)) or self)
+    aug = MoCoV2Augment()
+    scale, shift = aug._normalization(torch.device("cuda", 0))
+    luma = augment.to_device(augment.LUMA, torch.device("cuda", 0))
+    assert copies == [(torch.device("cuda", 0), True)] * 3
+    assert torch.equal(luma, torch.tensor(augment.LUMA, dtype=torch.float32))
+    assert scale.shape == shift.shape == (1, 3, 1, 1)
