@@ -242,3 +242,67 @@ def test_progress_stand_in_without_tqdm(monkeypatch, capsys):
     quiet.update(2)
     quiet.set_postfix(loss="2")
     assert capsys.readouterr().err.splitlines() == ["20/30 step loss=1.5"]
+
+
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of the torch loader's prefetch thread, recording
+    what a real GPU would see (the current device per thread, stream syncs)."""
+
+    def __init__(self, monkeypatch):
+        import threading
+
+        from fastneg.loaders import torch_loader
+        self.local, self.log = threading.local(), []
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = device
+
+            def synchronize(self):
+                fake.log.append("sync")
+
+            def wait_event(self, event):
+                pass
+
+        class Event:
+            def record(self, stream=None):
+                pass
+
+        def set_device(device):
+            fake.local.device = torch.device(device).index
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+        monkeypatch.setattr(torch.cuda, "set_device", set_device)
+        monkeypatch.setattr(torch_loader, "decode_jpeg",
+                            lambda encoded, mode, device: fake.log.append("decode") or [])
+
+    def current_device(self):
+        return getattr(self.local, "device", 0)    # a new thread starts on device 0
+
+
+def test_the_prefetch_thread_runs_on_the_loaders_device_before_its_iterator_starts(monkeypatch):
+    # torch's pin-memory thread takes the current device of the thread that makes the DataLoader
+    # iterator; made on the prefetch thread at device 0, every rank put a context on GPU 0
+    from fastneg.loaders.torch_loader import prefetched
+    fake = _FakeCuda(monkeypatch)
+    seen = []
+
+    def items():
+        seen.append(fake.current_device())     # runs on the prefetch thread, as iter() would
+        yield 1
+
+    got = list(prefetched(items(), lambda item: item, torch.device("cuda", 3)))
+    assert got == [1] and seen == [3]
+
+
+def test_nvjpeg_decode_waits_for_the_work_queued_on_its_stream(monkeypatch):
+    # torchvision's nvJPEG writes on a stream of its own into memory allocated on ours: memory
+    # freed by our still-queued work must not be written early, so our stream is drained first
+    from fastneg.loaders.torch_loader import _decode_jpeg_gpu
+    fake = _FakeCuda(monkeypatch)
+    _decode_jpeg_gpu([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda", 0))
+    assert fake.log == ["sync", "decode"]

@@ -64,7 +64,15 @@ def _decode_cpu(encoded: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_jpeg_gpu(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Batched nvJPEG decode, the one call site (torchvision plans to move it to TorchCodec)."""
+    """Batched nvJPEG decode, the one call site (torchvision plans to move it to TorchCodec).
+
+    torchvision allocates the outputs on the caller's current stream but writes them on a
+    stream of its own, which waits for nothing of ours (its result is handed back with an
+    event, so reading it is safe). A block that work still queued on the current stream has
+    freed (the previous batch's crops) would be overwritten too early: wait for that stream on
+    this (prefetch) thread first. It costs the consumer nothing; the prefetch runs ahead.
+    """
+    torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
@@ -205,6 +213,11 @@ def prefetched(items, prepare, device: torch.device, depth: int = PREFETCH):
 
     def work():
         try:
+            if cuda:
+                # A new thread's current CUDA device is 0: set ours before `items` starts (a
+                # DataLoader iterator made here gives its pin-memory thread this thread's
+                # device; on device 0 every rank would make a context on GPU 0).
+                torch.cuda.set_device(device)
             for item in items:
                 if stop.is_set():
                     return
