@@ -6,6 +6,7 @@
     python benchmarks/gpu_check.py ceiling  --json OUT/ceiling.json
     python benchmarks/gpu_check.py trainer  --run RUN_DIR --json OUT/trainer.json
     python benchmarks/gpu_check.py summary  --out OUT    # summary.json + the README table
+    python benchmarks/gpu_check.py readme   --out OUT    # that table written into README.md
 
 Only the standard library is imported at module level: `env` and `summary` must run in a bare
 Python, and every optional package (pytest, tqdm, scipy, matplotlib, psutil, DALI, FFCV, CuPy)
@@ -63,6 +64,7 @@ def env(args) -> int:
     else:
         info["problems"].append(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
                                 f"usable GPU (NVIDIA driver: {info['driver'] or 'none loaded'})")
+    info["nvvm"] = _nvvm_compiles(info["problems"]) if info["packages"]["numba.cuda"] else False
     if info["gpu"] and info["packages"]["numba.cuda"]:
         try:
             from numba import cuda
@@ -71,8 +73,10 @@ def env(args) -> int:
         except Exception as e:   # a broken numba-cuda is reported, the torch stages still run
             info["problems"].append(f"numba.cuda: {type(e).__name__}: {e}")
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "env.json", info)
-    flags = {"GPU": info["gpu"], **{n.replace(".", "_"): ok for n, ok in info["packages"].items()}}
+    flags = {"GPU": info["gpu"], "nvvm": info["nvvm"],
+             **{n.replace(".", "_"): ok for n, ok in info["packages"].items()}}
     (out / "env.sh").write_text("".join(f"HAS_{k}={int(v)}\n" for k, v in flags.items()))
     missing = [n for n in OPTIONAL if not info["packages"][n]]
     print(f"python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), "
@@ -82,6 +86,26 @@ def env(args) -> int:
     for p in info["problems"]:
         print(f"problem: {p}")
     return 0
+
+
+def _tiny_kernel(x):
+    x[0] = 1.0
+
+
+def _nvvm_compiles(problems: list) -> bool:
+    """Compile one tiny kernel to PTX (sm_80; no GPU needed): a missing NVVM shows here, in
+    seconds, instead of as a failure of every kernel stage."""
+    try:
+        from numba import cuda, float32
+        cuda.compile_ptx(_tiny_kernel, (float32[::1],), cc=(8, 0))
+    except Exception as e:      # NvvmSupportError and friends: reported with the fix
+        problems.append(
+            f"numba-cuda cannot compile a kernel ({type(e).__name__}: {str(e)[:160]}): its "
+            "NVVM/libdevice are missing. Install numba-cuda[cu13], or carry a CUDA 13 "
+            "toolkit's nvvm/ folder beside the tree and set CUDA_HOME to the folder that "
+            "holds it (CUDA_HOME/nvvm/lib64/libnvvm.so); the kernel stages are skipped")
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- data
@@ -137,7 +161,13 @@ def _device_name(device) -> str:
 
 def decode(args) -> int:
     """img/s of the torch loader decoding on the GPU (two uint8 views per image); --device cpu
-    runs the same code on the CPU (tests)."""
+    runs the same code on the CPU (tests).
+
+    Timed over whole epochs after --warmup-epochs: the loader prefetches within an epoch only,
+    so each measured epoch starts with nothing decoded ahead. (Timing N batches after a warm-up
+    batch counted the batches its workers had prefetched meanwhile: up to ~20% too high.) The
+    pipeline's fill at each epoch start is counted, which errs low by about one batch.
+    """
     import torch
 
     from fastneg.loaders import build_loader
@@ -145,60 +175,64 @@ def decode(args) -> int:
     loader = build_loader("torch", str(args.data), batch_size=args.batch_size, views=2,
                           size=args.size, device=str(device), workers=args.workers, seed=0,
                           drop_last=True, shuffle=True)
-    batches = iter(loader)
-    for _ in range(args.warmup):
-        next(batches)
-    _sync(device)
-    start, n = time.perf_counter(), 0
-    for _ in range(args.batches):
-        batch = next(batches, None)
-        if batch is None:
-            break
-        n += batch.views[0].shape[0]
+    if len(loader) == 0:
+        raise SystemExit(f"decode: {args.data} has fewer images than one batch of "
+                         f"{args.batch_size}")
+    n = 0
+    for epoch in range(args.warmup_epochs + args.epochs):
+        if epoch == args.warmup_epochs:
+            _sync(device)
+            start, n = time.perf_counter(), 0
+        loader.set_epoch(epoch)
+        for batch in loader:
+            n += batch.views[0].shape[0]
     _sync(device)
     seconds = time.perf_counter() - start
-    if n == 0:
-        raise SystemExit(f"decode: {args.data} has too few images for {args.warmup} warm-up "
-                         f"batches and one measured batch of {args.batch_size}")
     result = {"loader": "torch", "device": _device_name(device), "images": n,
               "seconds": seconds, "img_per_s": n / seconds, "workers": args.workers,
-              "batch_size": args.batch_size}
+              "batch_size": args.batch_size, "epochs": args.epochs}
     _write_json(args.json, result)
-    print(f"torch loader, GPU decode: {result['img_per_s']:.0f} img/s ({n} images)")
+    print(f"torch loader, GPU decode: {result['img_per_s']:.0f} img/s ({n} images, "
+          f"{args.epochs} epoch(s))")
     return 0
 
 
 # ---------------------------------------------------------------- ceiling
 
 def ceiling(args) -> int:
-    """img/s of the trainer's step on synthetic uint8 views already on the GPU: aug-plus on
-    both views, patch NS, the MoCo step (resnet50, 224 px, bf16, channels_last, K 16384, as
-    --preset paper-in100). Nothing waits for data: the most a data path can reach. --device
-    cpu runs the same code on the CPU (tests)."""
+    """img/s of the trainer's step on synthetic uint8 views already on the GPU: the trainer's
+    own data half (fastneg.step: aug-plus on both views, patch NS) and the MoCo step as
+    --preset paper-in100 builds it in one process (resnet50, 224 px, bf16, channels_last,
+    K 16384, split BatchNorm over 4 sub-batches). Nothing waits for data: the most a data path
+    can reach, so trainer / ceiling measures the data path alone. --device cpu runs the same
+    code on the CPU (tests)."""
     import torch
 
     from fastneg.augment import MoCoV2Augment
-    from fastneg.kernels import patch_negatives
-    from fastneg.moco import MoCo
+    from fastneg.loaders import Batch
+    from fastneg.moco import build_model
+    from fastneg.step import make_views_and_negatives, scaled_patch_range
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = MoCo(arch=args.arch, dim=128, K=args.queue, m=0.999, T=0.2, alpha=2.0).to(device)
+    model = build_model(dict(arch=args.arch, dim=128, moco_k=args.queue, moco_m=0.999,
+                             moco_t=0.2, alpha=2.0, bn=args.bn, bn_splits=args.bn_splits,
+                             seed=0)).to(device)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     aug = MoCoV2Augment(dtype=torch.bfloat16)
     n, size = args.batch_size, args.size
     gen = torch.Generator(device=device).manual_seed(0)
-    views = [torch.randint(0, 256, (n, size, size, 3), generator=gen, device=device,
-                           dtype=torch.uint8) for _ in range(2)]
-    patch_range = (max(1, round(16 * size / 224)), round(72 * size / 224))
+    views = tuple(torch.randint(0, 256, (n, size, size, 3), generator=gen, device=device,
+                                dtype=torch.uint8) for _ in range(2))
+    batch = Batch(views, torch.zeros(n, dtype=torch.long, device=device),
+                  torch.arange(n, device=device))
 
     def step(t):
-        params = [aug.sample(n, seed=0, step=t, view=i, device=device) for i in range(2)]
-        q, k = (aug.apply(v, p) for v, p in zip(views, params))
-        ns = patch_negatives(q, layout="nchw", patch_range=patch_range, seed=0, step=t)
+        q_k, negatives = make_views_and_negatives(batch, aug=aug, seed=0, step=t,
+                                                  patch_range=scaled_patch_range(size))
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = model(q, k, ns=[ns], step=t)
+            loss, _ = model(q_k[0], q_k[1], ns=negatives, step=t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -212,11 +246,11 @@ def ceiling(args) -> int:
     _sync(device)
     seconds = time.perf_counter() - start
     result = {"arch": args.arch, "size": size, "batch_size": n, "precision": "bf16",
-              "steps": args.steps, "img_per_s": args.steps * n / seconds,
-              "device": _device_name(device)}
+              "bn": args.bn, "bn_splits": args.bn_splits, "steps": args.steps,
+              "img_per_s": args.steps * n / seconds, "device": _device_name(device)}
     _write_json(args.json, result)
     print(f"synthetic-data ceiling: {result['img_per_s']:.0f} img/s ({args.arch}, {size} px, "
-          f"batch {n}, bf16, patch NS)")
+          f"batch {n}, bf16, patch NS, {args.bn} BN)")
     return 0
 
 
@@ -331,6 +365,39 @@ def summary(args) -> int:
     return 0
 
 
+README_START, README_END = "<!-- gpu-table:start -->", "<!-- gpu-table:end -->"
+
+
+def readme_table(out: Path) -> str:
+    """The README's GPU block from a finished run's files: the card, the versions, the table."""
+    info = _load(out / "env.json") or {}
+    lines = [f"Measured by `benchmarks/gpu_check.sh` on {info.get('gpu_name') or 'no GPU'} "
+             f"(driver {info.get('driver')}), torch {info.get('torch')} (CUDA "
+             f"{info.get('torch_cuda')}), Python {info.get('python')}, {info.get('cpus')} CPUs.",
+             "", "| measure | value | goal |", "|---|---|---|"]
+    lines += [f"| {m} | {v} | {g} |" for m, v, g in report_rows(out)]
+    return "\n".join(lines)
+
+
+def readme(args) -> int:
+    """Write the table of a gpu_check run into the README, between its gpu-table markers."""
+    out, path = Path(args.out), Path(args.readme)
+    if not (out / "env.json").exists():
+        raise SystemExit(f"gpu_check readme: {out} holds no gpu_check run (no env.json)")
+    text = path.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise SystemExit(f"gpu_check readme: {path} needs one {README_START} and one "
+                         f"{README_END} line around the GPU table")
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    new = head + README_START + "\n" + readme_table(out) + "\n" + README_END + tail
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+    print(f"{path}: GPU table from {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="stage", required=True)
@@ -345,8 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--batches", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3, help="measured epochs")
+    p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--device", default="cuda")
@@ -359,6 +426,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--queue", type=int, default=16384)
+    p.add_argument("--bn", default="split", help="BatchNorm of keys and NS (the one-process "
+                   "trainer's default: split)")
+    p.add_argument("--bn-splits", type=int, default=4)
     p.add_argument("--device", default="cuda")
     p.set_defaults(func=ceiling)
     p = sub.add_parser("trainer")
@@ -369,6 +439,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--print", action="store_true")
     p.set_defaults(func=summary)
+    p = sub.add_parser("readme", help="write a run's GPU table into the README")
+    p.add_argument("--out", required=True, help="the OUTDIR of a gpu_check.sh run")
+    p.add_argument("--readme", default="README.md")
+    p.set_defaults(func=readme)
     args = ap.parse_args(argv)
     return args.func(args)
 
