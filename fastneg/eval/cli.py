@@ -15,7 +15,9 @@ def register(sub) -> None:
                     "(L-BFGS on cached features) and a kNN classifier are fitted on ROOT/train "
                     "and scored on every other ImageFolder under ROOT, on ImageNet-C style "
                     "corruptions of ROOT/val (split 'corrupt': the mean) and on --ood folders; "
-                    "the shape bias comes from ROOT/conflict/metadata.csv when present.")
+                    "the shape bias comes from ROOT/conflict/metadata.csv when present. "
+                    "--suite paper --ood-root DIR adds the paper's table on the real "
+                    "out-of-domain sets found under DIR (docs/ood-eval.md).")
     e.add_argument("checkpoint", help="trainer checkpoint (RUN_DIR/*.pt)")
     e.add_argument("--data", required=True, help="dataset root holding train/ and the splits")
     e.add_argument("--json", help="write the results to this JSON file")
@@ -28,7 +30,7 @@ def register(sub) -> None:
                         "ImageNet-C, Sketch, Stylized, ImageNet-R, shape bias on the cue-conflict "
                         "stimuli), linear probe, on the sets found under --ood-root; the "
                         "synthetic corruptions of val are off unless --corruptions is given "
-                        "(default: %(default)s)")
+                        "(default: default)")
     e.add_argument("--ood-root", metavar="DIR",
                    help="with --suite paper: the folder holding the out-of-domain sets under "
                         "their usual names: imagenet-c/<corruption>/<1..5>/<wnid>/, sketch/ (or "
