@@ -188,6 +188,8 @@ def test_cue_conflict_errors_name_the_problem(tmp_path):
         prepare_paper_sets(tmp_path / "ood", (TABBY,), log=lambda _: None)
     (folder / "cat" / "dog1-cat1.png").unlink()
     write_image(folder / "cat" / "cat1-dog1.png")
+    with pytest.raises(ValueError, match="none of the 16 categories"):   # before any feature
+        prepare_paper_sets(tmp_path / "ood", (TENCH,), log=lambda _: None)
     plan = prepare_paper_sets(tmp_path / "ood", (TABBY, BEAGLE), log=lambda _: None)
     with pytest.raises(ValueError, match="none of the 16 categories"):
         score_cue_conflict(plan.cue_conflict, np.ones((1, 1)), (TENCH,))
@@ -222,6 +224,10 @@ def test_bad_roots_and_empty_sets_are_named(tmp_path):
         prepare_paper_sets(tmp_path / "ood", (TABBY,), log=lambda _: None)
     write_image(tmp_path / "ood" / "imagenet-r" / ABSENT / "a.jpg")
     with pytest.raises(ValueError, match="none of the 1 classes .* is a training class"):
+        prepare_paper_sets(tmp_path / "ood", (TABBY,), log=lambda _: None)
+    write_image(tmp_path / "ood" / "imagenet-r" / TABBY / "b.jpg")
+    (tmp_path / "ood" / "imagenet-r" / TABBY / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):                  # checked up front
         prepare_paper_sets(tmp_path / "ood", (TABBY,), log=lambda _: None)
     (tmp_path / "ood" / "imagenet-c" / "not_a_corruption").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no ImageNet-C folder"):

@@ -270,6 +270,14 @@ def list_cue_conflict(path: Path) -> CueConflict:
     return CueConflict(path, images, tuple(shape), tuple(texture))
 
 
+def _require_categories(path: Path, train_classes) -> dict[str, list[int]]:
+    columns = category_columns(train_classes)
+    if not columns:
+        raise ValueError(f"cannot score the cue-conflict stimuli {path}: none of the 16 "
+                         "categories has an ImageNet class among the training classes")
+    return columns
+
+
 def prepare_paper_sets(root, train_classes: Sequence[str], *, check: bool = True,
                        log=print) -> PaperSets:
     """Find, list and (check=True) inspect every set under `root` before anything is computed.
@@ -294,6 +302,7 @@ def prepare_paper_sets(root, train_classes: Sequence[str], *, check: bool = True
             listings.append(plan.sets[key].images)
     if "cue-conflict" in found:
         plan.cue_conflict = list_cue_conflict(found["cue-conflict"])
+        _require_categories(plan.cue_conflict.path, train_classes)
         listings.append(plan.cue_conflict.images)
     if check:
         for images in listings:
@@ -351,11 +360,8 @@ def score_imagenet_c(plan: PaperSets, train_classes, classify: Classify, log=pri
 def score_cue_conflict(cues: CueConflict, probs: np.ndarray, train_classes) -> dict:
     """Shape bias of the 16-way decisions (see module docstring) over the stimuli whose shape
     and texture categories differ and are both covered by the training classes."""
-    columns = category_columns(train_classes)
+    columns = _require_categories(cues.path, train_classes)
     base = {"path": str(cues.path), "images": len(cues.images)}
-    if not columns:
-        raise ValueError(f"cannot score the cue-conflict stimuli {cues.path}: none of the 16 "
-                         "categories has an ImageNet class among the training classes")
     cats = list(columns)
     index = {c: i for i, c in enumerate(cats)}
     covered = np.asarray([s in index and t in index for s, t in zip(cues.shape, cues.texture)])
