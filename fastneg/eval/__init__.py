@@ -3,6 +3,7 @@
     from fastneg.eval import shape_bias, evaluate_checkpoint
     shape_bias(predictions, shape=labels, texture=texture_classes)   # Geirhos et al. 2019
     evaluate_checkpoint("runs/moco/last.pt", "data/shapes")          # what `fastneg eval` prints
+    evaluate_checkpoint(ckpt, "imagenet100", ood_root="ood")        # + the paper's OOD table
 """
 from fastneg.eval.knn import knn_predict
 from fastneg.eval.linear import LinearProbe, train_linear_probe

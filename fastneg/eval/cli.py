@@ -15,16 +15,31 @@ def register(sub) -> None:
                     "(L-BFGS on cached features) and a kNN classifier are fitted on ROOT/train "
                     "and scored on every other ImageFolder under ROOT, on ImageNet-C style "
                     "corruptions of ROOT/val (split 'corrupt': the mean) and on --ood folders; "
-                    "the shape bias comes from ROOT/conflict/metadata.csv when present.")
+                    "the shape bias comes from ROOT/conflict/metadata.csv when present. "
+                    "--suite paper --ood-root DIR adds the paper's table on the real "
+                    "out-of-domain sets found under DIR (docs/ood-eval.md).")
     e.add_argument("checkpoint", help="trainer checkpoint (RUN_DIR/*.pt)")
     e.add_argument("--data", required=True, help="dataset root holding train/ and the splits")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--ood", action="append", default=[], metavar="NAME=DIR",
                    help="an extra out-of-domain ImageFolder (classes named as in train); "
                         "repeatable")
-    e.add_argument("--corruptions", default=",".join(DEFAULT_CORRUPTIONS),
+    e.add_argument("--suite", choices=("default", "paper"), default="default",
+                   help="default: every split of --data, corruptions of val, the embedded "
+                        "shape bias. paper: also the paper's out-of-domain table (IN-val, "
+                        "ImageNet-C, Sketch, Stylized, ImageNet-R, shape bias on the cue-conflict "
+                        "stimuli), linear probe, on the sets found under --ood-root; the "
+                        "synthetic corruptions of val are off unless --corruptions is given "
+                        "(default: default)")
+    e.add_argument("--ood-root", metavar="DIR",
+                   help="with --suite paper: the folder holding the out-of-domain sets under "
+                        "their usual names: imagenet-c/<corruption>/<1..5>/<wnid>/, sketch/ (or "
+                        "imagenet-sketch/), stylized-imagenet/[val/], imagenet-r/, cue-conflict/ "
+                        "(or texture-vs-shape/ or style-transfer-preprocessed-512/); those "
+                        "found are run, the others named (docs/ood-eval.md)")
+    e.add_argument("--corruptions", default=None,
                    help="comma-separated corrupt-tta names applied to val, or 'none' "
-                        "(default: %(default)s)")
+                        f"(default: {','.join(DEFAULT_CORRUPTIONS)}; with --suite paper: none)")
     e.add_argument("--severities", default=",".join(map(str, SEVERITIES)),
                    help="comma-separated severities 1..5 (default: %(default)s)")
     e.add_argument("--corrupt-dir", help="where the corrupted val split is cached "
@@ -62,21 +77,36 @@ def run(args) -> None:
     data = Path(args.data)
     if not data.is_dir():
         raise FileNotFoundError(f"--data {data} is not a folder")
-    corruptions = () if args.corruptions.strip() == "none" else \
-        tuple(s.strip() for s in args.corruptions.split(",") if s.strip())
+    if (args.suite == "paper") != (args.ood_root is not None):
+        raise ValueError("--suite paper and --ood-root DIR go together (the suite reads its "
+                         "out-of-domain sets from DIR)")
+    if args.ood_root is not None:   # a wrong root is named before the checkpoint is loaded
+        from fastneg.eval.ood import discover
+        discover(args.ood_root)
+    spec = args.corruptions
+    if spec is None:
+        spec = "none" if args.suite == "paper" else ",".join(DEFAULT_CORRUPTIONS)
+    corruptions = () if spec.strip() == "none" else \
+        tuple(s.strip() for s in spec.split(",") if s.strip())
     print(f"fastneg eval {args.checkpoint} on {data}")
     result = evaluate_checkpoint(
         args.checkpoint, data, ood=parse_ood(args.ood), cache_dir=args.cache_dir,
         corrupt_dir=args.corrupt_dir, corruptions=corruptions,
         severities=_int_list(args.severities, "--severities"), k=args.k,
         temperature=args.temperature, batch_size=args.batch_size, device=args.device,
-        untrained=args.untrained)
+        untrained=args.untrained, ood_root=args.ood_root)
     from fastneg.eval.report import summary_table
     if "shape_bias" in result:
         print(f"  shape bias   linear {result['shape_bias']:.3f}  "
               f"knn {result['shape_bias_knn']:.3f}")
     print(summary_table(result))
+    if "paper" in result:
+        from fastneg.eval.ood import paper_table
+        print(paper_table(result["paper"], label=Path(args.checkpoint).name))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
+        from fastneg.data.staging import atomic_file
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out) as tmp:   # a killed run leaves no half-written JSON
+            Path(tmp).write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(f"wrote {args.json}")

@@ -102,13 +102,15 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
                       cache_dir=None, identity: str = "", corrupt_dir=None,
                       corruptions=DEFAULT_CORRUPTIONS, severities=SEVERITIES,
                       k: int = 20, temperature: float = 0.07, batch_size: int = 256,
-                      device="cpu", scramble_range=None, log=print) -> dict:
+                      device="cpu", scramble_range=None, ood_root=None, log=print) -> dict:
     """Every metric of the module docstring for `backbone` (maps normalized images to features).
 
     Features are cached under `cache_dir` (None: not cached) with a key made of `identity` (what
     the backbone is, e.g. its checkpoint's digest), the split's listing and `size`.
     `corruptions=()` skips the corruption suite. `scramble_range` (LO, HI): patch sides of the
-    scramble similarity on val (None: not measured).
+    scramble similarity on val (None: not measured). `ood_root`: a folder holding the paper's
+    out-of-domain sets by their usual names (fastneg.eval.ood), scored by the linear probe under
+    the key "paper" (None: not scored).
     """
     if k < 1 or temperature <= 0:
         raise ValueError(f"kNN needs k >= 1 and temperature > 0; got k={k}, "
@@ -121,15 +123,16 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
         if name in splits:
             raise ValueError(f"--ood name {name!r} clashes with the split {root / name}")
         splits[name] = path
-    if not splits:
+    if not splits and ood_root is None:
         raise ValueError(f"nothing to score in {root}: it holds train/ only; add an evaluation "
-                         f"split ({root}/val/<class>/<image>) or --ood NAME=DIR")
+                         f"split ({root}/val/<class>/<image>), --ood NAME=DIR or --ood-root DIR")
     # Every split's files are checked before any feature is computed: a bad file costs nothing
     # (train's are checked by its feature loader, the first thing to run).
     train = scan_image_folder(root / "train")
     listings = {name: scan_image_folder(path) for name, path in splits.items()}
     for images in listings.values():
         require_readable(check_files(images, available_cpus()), skip_bad=False)
+    paper = _prepare_paper(ood_root, train.classes, log)
     if corruptions and "val" in splits:   # written (once) before the features, too
         _write_corruptions(splits["val"], corrupt_dir or root / ".fastneg-corrupt" / "val",
                            corruptions, severities)
@@ -183,6 +186,9 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
                 bias = shape_bias(preds[clf], shape=cues[0], texture=cues[1])
                 result["shape_bias" + suffix] = None if np.isnan(bias) else bias   # JSON null
                 result["texture_match" + suffix] = float((preds[clf] == cues[1]).mean())
+    if paper is not None:
+        result["paper"] = _score_paper(paper, train.classes, probe, features,
+                                       result["linear"].get("val"), log)
     if corruptions and "val" in splits:
         detail = _corruption_suite(splits["val"], corrupt_dir or root / ".fastneg-corrupt" / "val",
                                    corruptions, severities, train.classes, features, predict)
@@ -194,6 +200,24 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
             f"{result['knn'][CORRUPT]:.3f}  ({len(corruptions)} corruptions x "
             f"{len(severities)} severities of val)")
     return result
+
+
+def _prepare_paper(ood_root, train_classes, log):
+    """fastneg.eval.ood's sets under `ood_root`, listed and checked (None: no root given)."""
+    if ood_root is None:
+        return None
+    from fastneg.eval.ood import prepare_paper_sets
+    return prepare_paper_sets(ood_root, train_classes, log=log)
+
+
+def _score_paper(paper, train_classes, probe, features, in_val, log) -> dict:
+    """The paper's out-of-domain numbers: the linear probe's softmax on each set's features."""
+    from fastneg.eval.ood import score_paper_sets
+
+    def classify(images, tag):
+        return torch.softmax(probe.logits(features(images, f"ood-{tag}")).float(), 1).numpy()
+
+    return score_paper_sets(paper, train_classes, classify, in_val=in_val, log=log)
 
 
 def _corruption_suite(val_dir, corrupt_dir, corruptions, severities, train_classes,
