@@ -97,8 +97,10 @@ def run(args) -> None:
         untrained=args.untrained, ood_root=args.ood_root)
     from fastneg.eval.report import summary_table
     if "shape_bias" in result:
-        print(f"  shape bias   linear {result['shape_bias']:.3f}  "
-              f"knn {result['shape_bias_knn']:.3f}")
+        # None when no prediction matched either cue (the ratio is undefined)
+        print("  shape bias   " + "  ".join(
+            f"{name} {'n/a' if result[key] is None else format(result[key], '.3f')}"
+            for name, key in (("linear", "shape_bias"), ("knn", "shape_bias_knn"))))
     print(summary_table(result))
     if "paper" in result:
         from fastneg.eval.ood import paper_table
