@@ -140,12 +140,21 @@ class Encoder(nn.Module):
 # ---------------------------------------------------------------- split BatchNorm
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that, in training, normalizes G interleaved sub-batches separately.
+    """BatchNorm2d that, in training, normalizes G sub-batches separately.
 
-    Sample n belongs to group n % G; each group gets its own batch statistics (as G processes
-    would), and the running statistics are the mean over the groups. In eval mode, and in its
-    state dict, it is a plain BatchNorm2d, so its weights load into an unsplit network.
-    Needs a batch divisible by G. G = 1 computes exactly what BatchNorm2d does.
+    The batch is cut into G consecutive blocks of N / G samples; each block gets its own batch
+    statistics (as G processes would), and the running statistics are the mean over the
+    blocks. In eval mode, and in its state dict, it is a plain BatchNorm2d, so its weights load
+    into an unsplit network. Needs a batch divisible by G. G = 1 computes exactly what
+    BatchNorm2d does.
+
+    Consecutive blocks, not interleaved samples: a block of a channels_last (or NCHW) batch is
+    a slice in the same memory format, so each block goes through the ordinary BatchNorm
+    kernel without a copy and the output keeps the input's layout. (Folding interleaved groups
+    into channels, [N, C, H, W] -> [N / G, G * C, H, W], copied a channels_last batch to NCHW
+    at every BatchNorm and left every following convolution to copy it back.) The MoCo model
+    encodes keys and NS in a random permutation of the batch, so which samples share a block
+    is random for them either way.
     """
 
     def __init__(self, num_features, groups, **kwargs):
@@ -157,19 +166,24 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        n, c, h, w = x.shape
-        g = self.groups
+        n, g = x.shape[0], self.groups
         if n % g:
             raise ValueError(f"split BatchNorm: batch {n} is not divisible by {g} groups")
-        # [N, C, H, W] -> [N / G, G * C, H, W]: channel j * C + c of row i is sample i * G + j.
-        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)
-        y = F.batch_norm(x.reshape(n // g, g * c, h, w), mean, var, self.weight.repeat(g),
-                         self.bias.repeat(g), True, self.momentum, self.eps)
+        # every block updates its own copy of the running statistics; they are averaged after
+        means = [self.running_mean.clone() for _ in range(g)]
+        variances = [self.running_var.clone() for _ in range(g)]
+        memory_format = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+                         and x.is_contiguous(memory_format=torch.channels_last)
+                         else torch.contiguous_format)
+        y = torch.cat([F.batch_norm(block, mean, var, self.weight, self.bias, True,
+                                    self.momentum, self.eps)
+                       for block, mean, var in zip(x.chunk(g), means, variances)])
         with torch.no_grad():
-            self.running_mean.copy_(mean.view(g, c).mean(0))
-            self.running_var.copy_(var.view(g, c).mean(0))
+            self.running_mean.copy_(torch.stack(means).mean(0))
+            self.running_var.copy_(torch.stack(variances).mean(0))
             self.num_batches_tracked.add_(1)
-        return y.reshape(n, c, h, w)
+        return y if y.is_contiguous(memory_format=memory_format) else \
+            y.contiguous(memory_format=memory_format)
 
 
 def split_batchnorm(module: nn.Module, groups: int) -> nn.Module:

@@ -216,16 +216,40 @@ def test_split_batchnorm_normalizes_each_group_alone():
     from fastneg.moco import SplitBatchNorm
     split = SplitBatchNorm(3, groups=2)
     x = torch.randn(8, 3, 4, 4)
-    x[1::2] += 10   # group 1 (odd samples) lies far from group 0
+    x[4:] += 10   # group 1 (the second block of samples) lies far from group 0
     y = split(x)
     ref = torch.empty_like(x)
     for g in range(2):
-        ref[g::2] = torch.nn.functional.batch_norm(x[g::2], None, None, training=True)
+        ref[4 * g:4 * g + 4] = torch.nn.functional.batch_norm(x[4 * g:4 * g + 4], None, None,
+                                                              training=True)
     assert torch.allclose(y, ref, atol=1e-5)
     # The mean over the batch would leave the groups 10 apart; split BN centres each.
-    assert y[1::2].mean().abs() < 1e-4
+    assert y[4:].mean().abs() < 1e-4
     with pytest.raises(ValueError, match="divisible"):
         split(torch.randn(3, 3, 4, 4))
+
+
+def test_split_batchnorm_keeps_channels_last_and_matches_the_running_statistics():
+    # a channels_last batch stays channels_last (the convolutions after it would copy an NCHW
+    # output back), with the same output, gradients and running statistics as NCHW
+    from fastneg.moco import SplitBatchNorm
+    torch.manual_seed(0)
+    a, b = SplitBatchNorm(6, groups=4), SplitBatchNorm(6, groups=4)
+    x = torch.randn(8, 6, 5, 7) * 2 + 1
+    x_cl = x.clone().to(memory_format=torch.channels_last).requires_grad_()
+    x = x.requires_grad_()
+    ya, yb = a(x), b(x_cl)
+    assert yb.is_contiguous(memory_format=torch.channels_last) and ya.is_contiguous()
+    torch.testing.assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_cl.grad)
+    torch.testing.assert_close(a.running_mean, b.running_mean)
+    # the running statistics are the mean of what each block's BatchNorm would keep
+    blocks = [torch.nn.BatchNorm2d(6) for _ in range(4)]
+    for k, bn in enumerate(blocks):
+        bn(x.detach()[2 * k:2 * k + 2])
+    torch.testing.assert_close(a.running_var, torch.stack([bn.running_var for bn in blocks]).mean(0))
 
 
 def test_split_bn_model_trains_and_loads_into_a_plain_backbone(tmp_path):
