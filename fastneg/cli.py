@@ -12,6 +12,7 @@ VERB_MODULES = [
     "fastneg.data.cli",        # make-data
     "fastneg.data.convert",    # convert
     "fastneg.data.index",      # index
+    "fastneg.data.subset",     # make-subset
     "fastneg.eval.cli",        # eval
     "fastneg.texture.cli",     # build-bank
 ]
