@@ -14,6 +14,7 @@ VERB_MODULES = [
     "fastneg.data.index",      # index
     "fastneg.data.subset",     # make-subset
     "fastneg.eval.cli",        # eval
+    "fastneg.export",          # export
     "fastneg.texture.cli",     # build-bank
 ]
 

@@ -16,7 +16,12 @@ def register(sub) -> None:
                     "and scored on every other ImageFolder under ROOT, on ImageNet-C style "
                     "corruptions of ROOT/val (split 'corrupt': the mean) and on --ood folders; "
                     "the shape bias comes from ROOT/conflict/metadata.csv when present.")
-    e.add_argument("checkpoint", help="trainer checkpoint (RUN_DIR/*.pt)")
+    e.add_argument("checkpoint", help="trainer checkpoint (RUN_DIR/*.pt), or a backbone file "
+                                      "of `fastneg export` (.safetensors, .pt)")
+    e.add_argument("--arch", help="architecture of a backbone file that does not record it "
+                                  "(a state dict without metadata), e.g. resnet50")
+    e.add_argument("--size", type=int, help="image side of a backbone file that does not "
+                                            "record its training size")
     e.add_argument("--data", required=True, help="dataset root holding train/ and the splits")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--ood", action="append", default=[], metavar="NAME=DIR",
@@ -70,7 +75,7 @@ def run(args) -> None:
         corrupt_dir=args.corrupt_dir, corruptions=corruptions,
         severities=_int_list(args.severities, "--severities"), k=args.k,
         temperature=args.temperature, batch_size=args.batch_size, device=args.device,
-        untrained=args.untrained)
+        untrained=args.untrained, arch=args.arch, size=args.size)
     from fastneg.eval.report import summary_table
     if "shape_bias" in result:
         print(f"  shape bias   linear {result['shape_bias']:.3f}  "
