@@ -24,6 +24,7 @@ import json
 import os
 import zipfile
 from collections import OrderedDict
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -73,24 +74,40 @@ def _file_kind(path: Path, flag: str) -> str:
 def save_state_dict(state: dict, path, metadata: dict[str, str]) -> None:
     """Write `state` (name -> tensor) to `path` atomically, as safetensors or torch by suffix,
     with `metadata` (str -> str) in the safetensors header or on the saved OrderedDict."""
-    path = Path(path)
-    kind = _file_kind(path, "output")
+    save_state_dicts([(state, Path(path), metadata)])
+
+
+def save_state_dicts(files) -> None:
+    """save_state_dict for several (state, path, metadata): all are written to temporary
+    siblings first and renamed into place only when every one is complete."""
+    with ExitStack() as stack:
+        for state, path, metadata in files:
+            kind = _file_kind(Path(path), "output")
+            tmp = stack.enter_context(atomic_file(path))
+            try:
+                _write_file(state, tmp, kind, metadata)
+            except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+                raise PermissionError(f"cannot write {path} ({e.strerror or e})") from None
+            except (OSError, RuntimeError) as e:   # torch's zip writer: RuntimeError on ENOSPC
+                raise ValueError(f"cannot write {path} ({getattr(e, 'strerror', None) or e})") \
+                    from None
+
+
+def _write_file(state: dict, tmp: Path, kind: str, metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    with atomic_file(path) as tmp:
-        if kind == "safetensors":
-            from safetensors.torch import save_file
-            save_file(tensors, str(tmp), metadata=dict(metadata))
-        else:
-            od = OrderedDict(tensors)
-            if hasattr(state, "_metadata"):
-                od._metadata = state._metadata   # torch's per-module versions (BatchNorm's)
-            setattr(od, META_ATTR, dict(metadata))
-            torch.save(od, tmp)
+    if kind == "safetensors":
+        from safetensors.torch import save_file
+        save_file(tensors, str(tmp), metadata=dict(metadata))
+        return
+    od = OrderedDict(tensors)
+    if hasattr(state, "_metadata"):
+        od._metadata = state._metadata   # torch's per-module versions (BatchNorm's)
+    setattr(od, META_ATTR, dict(metadata))
+    torch.save(od, tmp)
 
 
 def _check_target(arch: str, fmt: str, path) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    """ValueError unless `fmt`'s library has a model for `arch`."""
     if arch in SMALL_ARCHS:
         raise ValueError(f"checkpoint {path}: arch {arch} is fastneg's narrow CPU ResNet, which "
                          f"{fmt} has no model for; export works for "
@@ -134,20 +151,16 @@ def export_checkpoint(checkpoint, out, *, fmt: str = "torchvision", head=None) -
             "features": str(features), "source_checkpoint": checkpoint.name,
             "source_sha256": sha256_of(checkpoint), "source_step": str(ckpt.get("step", "")),
             "fastneg_version": _version()}
-    for p in outputs:
-        p.parent.mkdir(parents=True, exist_ok=True)
+    files = []
     if head is not None:
         shapes = [tuple(v.shape) for k, v in sorted(head_state.items()) if k.endswith("weight")]
-        head_meta = {**meta, "content": "head",
-                     "layers": "Linear(features, hidden), ReLU, Linear(hidden, dim)",
-                     "hidden": str(shapes[0][0]), "dim": str(shapes[-1][0])}
-        save_state_dict(head_state, head, head_meta)
-    try:
-        save_state_dict(backbone.state_dict(), out, meta)
-    except BaseException:
-        if head is not None:
-            head.unlink(missing_ok=True)   # both files or neither
-        raise
+        files.append((head_state, head, {
+            **meta, "content": "head", "layers": "Linear(features, hidden), ReLU, "
+            "Linear(hidden, dim)", "hidden": str(shapes[0][0]), "dim": str(shapes[-1][0])}))
+    files.append((backbone.state_dict(), out, meta))
+    for p in outputs:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    save_state_dicts(files)   # both files or neither
     return meta
 
 

@@ -247,19 +247,27 @@ def test_safetensors_name_without_the_package(resnet18_ckpt, tmp_path, capsys, m
 
 
 def test_a_failed_write_leaves_neither_file(resnet18_ckpt, tmp_path, capsys, monkeypatch):
+    """The head is written first; the backbone's write then fails as on a full disk: neither
+    file appears, no temporary file stays, and an older head file is kept."""
+    import errno
+
     import fastneg.export as export
-    real = export.save_state_dict
+    real = export._write_file
 
-    def fail_on_backbone(state, path, metadata):
+    def fail_on_backbone(state, tmp, kind, metadata):
         if metadata["content"] == "backbone":
-            raise PermissionError(f"cannot write {path}")
-        real(state, path, metadata)
+            tmp.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(state, tmp, kind, metadata)
 
-    monkeypatch.setattr(export, "save_state_dict", fail_on_backbone)
+    monkeypatch.setattr(export, "_write_file", fail_on_backbone)
+    (tmp_path / "h.pt").write_bytes(b"older head")
     before = listing(tmp_path)
     refused(capsys, ["export", str(resnet18_ckpt), "--format", "torchvision", "--out",
-                     str(tmp_path / "b.pt"), "--head", str(tmp_path / "h.pt")], "cannot write")
+                     str(tmp_path / "b.pt"), "--head", str(tmp_path / "h.pt")],
+            "cannot write", "b.pt", "No space left on device")
     assert listing(tmp_path) == before
+    assert (tmp_path / "h.pt").read_bytes() == b"older head"
 
 
 # ---------------------------------------------------------------- reading exports back
