@@ -120,6 +120,7 @@ def test_hardlinks_and_val_csv_flag(tmp_path, jpeg_bytes):
     csv_file = tmp_path / "elsewhere" / "truth.csv"
     csv_file.parent.mkdir()
     truth = make_in1k(in1k, jpeg_bytes, flat_val=True, csv_at=csv_file)
+    csv_file.write_bytes(b"\xef\xbb\xbf" + csv_file.read_bytes())   # saved with a BOM
     classes = tmp_path / "two.txt"
     classes.write_text("n01443537\nn02869837\n")
     out = tmp_path / "in2"

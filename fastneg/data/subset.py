@@ -138,7 +138,7 @@ def _val_from_csv(val: Path, csv_path: Path, wanted: set[str]):
     present = {Path(name).stem: name for name in _images_in(val)}
     by_class, missing = {}, []
     try:
-        with open(csv_path, newline="") as fh:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:   # a BOM is tolerated
             rows = csv.reader(fh)
             header = next(rows, None)
             if header is None or [h.strip() for h in header[:2]] != ["ImageId",
