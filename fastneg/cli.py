@@ -12,7 +12,9 @@ VERB_MODULES = [
     "fastneg.data.cli",        # make-data
     "fastneg.data.convert",    # convert
     "fastneg.data.index",      # index
+    "fastneg.data.subset",     # make-subset
     "fastneg.eval.cli",        # eval
+    "fastneg.export",          # export
     "fastneg.texture.cli",     # build-bank
 ]
 

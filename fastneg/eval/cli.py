@@ -18,7 +18,12 @@ def register(sub) -> None:
                     "the shape bias comes from ROOT/conflict/metadata.csv when present. "
                     "--suite paper --ood-root DIR adds the paper's table on the real "
                     "out-of-domain sets found under DIR (docs/ood-eval.md).")
-    e.add_argument("checkpoint", help="trainer checkpoint (RUN_DIR/*.pt)")
+    e.add_argument("checkpoint", help="trainer checkpoint (RUN_DIR/*.pt), or a backbone file "
+                                      "of `fastneg export` (.safetensors, .pt)")
+    e.add_argument("--arch", help="architecture of a backbone file that does not record it "
+                                  "(a state dict without metadata), e.g. resnet50")
+    e.add_argument("--size", type=int, help="image side of a backbone file that does not "
+                                            "record its training size")
     e.add_argument("--data", required=True, help="dataset root holding train/ and the splits")
     e.add_argument("--json", help="write the results to this JSON file")
     e.add_argument("--ood", action="append", default=[], metavar="NAME=DIR",
@@ -94,7 +99,7 @@ def run(args) -> None:
         corrupt_dir=args.corrupt_dir, corruptions=corruptions,
         severities=_int_list(args.severities, "--severities"), k=args.k,
         temperature=args.temperature, batch_size=args.batch_size, device=args.device,
-        untrained=args.untrained, ood_root=args.ood_root)
+        untrained=args.untrained, ood_root=args.ood_root, arch=args.arch, size=args.size)
     from fastneg.eval.report import summary_table
     if "shape_bias" in result:
         # None when no prediction matched either cue (the ratio is undefined)

@@ -252,18 +252,21 @@ def _write_corruptions(val_dir, corrupt_dir, corruptions, severities) -> None:
 
 
 def evaluate_checkpoint(checkpoint, data_root, *, cache_dir=None, device="cpu",
-                        untrained: bool = True, untrained_dir=None, **kwargs) -> dict:
-    """evaluate_backbone on a trainer checkpoint; features cached in RUN_DIR/eval-cache/<name>.
+                        untrained: bool = True, untrained_dir=None, arch=None, size=None,
+                        **kwargs) -> dict:
+    """evaluate_backbone on a trainer checkpoint, or on a backbone file of `fastneg export`
+    (arch and size from its metadata, else from `arch` and `size`: fastneg.export.load_backbone);
+    features cached in RUN_DIR/eval-cache/<name>.
 
     The scramble similarity uses patch sides just above the run's training range. untrained:
     also report the untrained network's numbers (key "untrained"), computed once per dataset,
     architecture and size and cached in `untrained_dir` (default ROOT/.fastneg-untrained).
     """
-    from fastneg.moco import load_encoder
+    from fastneg.export import load_backbone
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    backbone, args = load_encoder(checkpoint, device=device)
+    backbone, args = load_backbone(checkpoint, device=device, arch=arch, size=size)
     size = int(args["size"])
     scramble = scramble_patch_range(args.get("patch_range") or (2, max(2, size // 4)), size)
     cache_dir = cache_dir or checkpoint.parent / "eval-cache" / checkpoint.stem
