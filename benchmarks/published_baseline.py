@@ -8,7 +8,7 @@ nothing in fastneg uses it. Its randomness is torchvision's/NumPy's per-worker s
 original), seeded per worker so that workers do not repeat each other.
 
 Negatives:
-- "patch": the paper's loop (PAPER.md) on the normalized float query tensor: d ~ U[lo, hi],
+- "patch": the paper's loop (docs/method.md) on the normalized float query tensor: d ~ U[lo, hi],
   n = S // d + 1 tiles per side, one random window per tile, crop the canvas to S x S.
 - "texture": one more decode (the sample's texture image file) and one more aug-plus that replays
   the query's random draws, as the published code pairs each image with its texture file.

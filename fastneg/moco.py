@@ -6,7 +6,7 @@
 The query encoder is a torchvision ResNet (or the small "resnet10s" for CPUs) followed by a
 2-layer MLP head; the key encoder is its momentum copy. Keys and non-semantic negatives (NS) are
 both encoded by the key encoder without gradient, with the same BatchNorm treatment; only keys
-enter the queue. The loss is PAPER.md's, with alpha multiplying the NS similarity inside the
+enter the queue. The loss is docs/method.md's, with alpha multiplying the NS similarity inside the
 exponent. Checkpoints written by train/moco.py are read back by `read_checkpoint` and
 `load_encoder`, which never unpickle anything but tensors, numbers and strings.
 """
@@ -40,7 +40,7 @@ ARCHS = tuple(SMALL_ARCHS) + TORCHVISION_ARCHS
 # ---------------------------------------------------------------- loss
 
 def ns_contrastive_loss(q, k, queue, ns=None, *, T=0.2, alpha=2.0):
-    """MoCo's InfoNCE loss with non-semantic negatives (PAPER.md); returns (loss, logits).
+    """MoCo's InfoNCE loss with non-semantic negatives (docs/method.md); returns (loss, logits).
 
     q, k: [N, D]; queue: [K, D]; ns: [N, M, D] or None; all rows L2-normalized.
     logits[i] = [q_i.k_i, q_i.queue_j (all j), alpha * q_i.ns_im (all m)] / T, target 0, mean

@@ -17,7 +17,7 @@ def unit(*shape, seed):
 
 
 def reference_loss(q, k, queue, ns, T, alpha):
-    """PAPER.md's formula, sample by sample, in float64 numpy."""
+    """docs/method.md's formula, sample by sample, in float64 numpy."""
     q, k, queue = q.numpy(), k.numpy(), queue.numpy()
     total = 0.0
     for i in range(q.shape[0]):

@@ -18,7 +18,7 @@ shuffle-BN across ranks; a no-op in one process) or --bn sync (SyncBatchNorm, GP
 
 Step: loader (two random-resized crops, uint8) -> aug-plus on the device (two views) -> patch
 NS from the augmented query and/or texture NS (the image's own texture from --texture-bank,
-given the query's augmentation draws) -> loss (PAPER.md; alpha inside the exponent) -> SGD
+given the query's augmentation draws) -> loss (docs/method.md; alpha inside the exponent) -> SGD
 (momentum 0.9, weight decay --wd) with linear warmup and a cosine schedule, per step.
 
 Learning rate: --lr is the rate for a global batch of 256; the optimizer uses

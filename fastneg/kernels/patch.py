@@ -1,4 +1,4 @@
-"""Patch-based non-semantic negatives (PAPER.md), one algorithm for CPU (Numba) and CUDA.
+"""Patch-based non-semantic negatives (docs/method.md), one algorithm for CPU (Numba) and CUDA.
 
 Per sample i of the batch: a patch size d ~ U{lo..hi}; a grid of n_h = H // d + 1 by
 n_w = W // d + 1 tiles; tile k = ty * n_w + tx receives the d x d window of the input whose
