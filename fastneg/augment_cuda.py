@@ -30,8 +30,9 @@ from fastneg.kernels.augment_ops import BRIGHTNESS, CONTRAST, HUE, SATURATION
 
 # Flag columns of the uint8 [N, 4] flags array, as in fastneg.augment_cpu.
 FLIP, JITTER, GRAY, BLUR = range(4)
-THREADS = 512           # threads per block (the default launch; at most this many): two
-                        # blocks of a 256-image batch per SM of an H100/H200, half occupancy
+THREADS = 512           # threads per block (the default launch; at most this many). At the
+                        # kernel's 96 registers (sm_90, ptxas; docs/gpu.md) one block fits
+                        # an SM: 25% occupancy, to be tuned on a GPU
 MAX_WIDTH = 1024        # the shared row buffer holds 3 planes of this many float32 pixels
 # numba-cuda types a shared array's shape only from an integer literal or a global constant:
 # `3 * MAX_WIDTH` written in the kernel types as int64 and fails type inference on a real target.
