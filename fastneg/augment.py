@@ -246,6 +246,8 @@ class MoCoV2Augment:
     def _apply_fused_cpu(self, x, p):
         """apply() on CPU tensors: pack the draws, one call of fastneg.augment_cpu's kernel."""
         from fastneg import augment_cpu    # loaded on the first CPU batch
+        from fastneg.host import keep_freed_memory_once
+        keep_freed_memory_once()    # the outputs below reuse freed pages, call after call
         n, h, w, _ = x.shape
         flags, factors, kernel_x, kernel_y = self._packed_draws(p, h, w)
         scale, shift = (t.view(3).numpy() for t in self._normalization(x.device))

@@ -1,5 +1,6 @@
-"""Process-wide memory setting for CPU training and benchmark processes. Importing this module
-changes nothing; train/moco.py (on the CPU) and the benchmarks call keep_freed_memory().
+"""Process-wide memory setting for CPU work. Importing this module changes nothing; the first
+aug-plus on a CPU batch calls keep_freed_memory_once() (FASTNEG_KEEP_FREED_MEMORY=0 turns that
+off), and train/moco.py (on the CPU) and the benchmarks call keep_freed_memory() at start.
 
 Every CPU step allocates its large arrays anew: aug-plus's float32 output is 38.5 MB per view
 at batch 64 x 224 px. glibc serves blocks that large with a fresh mmap and returns them to the
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
 
 _M_TRIM_THRESHOLD = -1   # glibc malloc.h: free memory kept at the top of the heap before trimming
 _M_MMAP_THRESHOLD = -3   # blocks at least this large get an mmap of their own
@@ -38,3 +41,13 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> bool:
     mallopt.restype = ctypes.c_int
     limit = int(min(limit, 2 ** 31 - 1))
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+@functools.cache
+def keep_freed_memory_once() -> bool:
+    """keep_freed_memory(), once per process, unless FASTNEG_KEEP_FREED_MEMORY=0: what the
+    library does on its first large CPU allocation, so a user's own loop gets the same speed as
+    the trainer (the plain loop of benchmarks/plain_process.py)."""
+    if os.environ.get("FASTNEG_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    return keep_freed_memory()

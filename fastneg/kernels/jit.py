@@ -29,7 +29,7 @@ KERNELS_DIR = Path(__file__).resolve().parent
 # call over its first 5,000 calls and 761 us over calls 35,000-40,000, against 13 us throughout
 # under omp (2-core AMD EPYC, benchmarks/launch_overhead.py). The omp layer does not grow. Its
 # GNU OpenMP pool is not torch's (torch loads its own libgomp), so both pools should sleep, not
-# spin, while they wait: OMP_WAIT_POLICY=PASSIVE, which train/moco.py and the benchmarks set.
+# spin, while they wait: OMP_WAIT_POLICY=PASSIVE, which importing fastneg sets by default.
 # Caveat (Numba's docs): under GNU OpenMP a process forked after a parallel kernel ran must not
 # launch one itself (Numba stops it); fastneg's forked workers (DataLoader, texture synthesis,
 # corruptions) launch none. A NUMBA_THREADING_LAYER(_PRIORITY) set by the user wins.
