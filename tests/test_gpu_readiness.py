@@ -306,3 +306,23 @@ def test_nvjpeg_decode_waits_for_the_work_queued_on_its_stream(monkeypatch):
     fake = _FakeCuda(monkeypatch)
     _decode_jpeg_gpu([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda", 0))
     assert fake.log == ["sync", "decode"]
+
+
+def test_split_bn_takes_any_seed_the_trainer_takes():
+    """Split BN seeded its permutation with seed * 2**32 + step, which overflows torch's 64-bit
+    seed from seed 2**32 on (a RuntimeError at the first step); it uses shuffle_seed now."""
+    from fastneg.moco import MoCo
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    for seed in (2 ** 32, 2 ** 63 - 1):
+        model = MoCo(arch="resnet10s", dim=16, K=16, mlp_hidden=32, cifar_stem=True, bn="split",
+                     bn_splits=2, seed=seed)
+        feats = model.encode_momentum(x, step=3)
+        assert feats.shape == (8, 16) and torch.isfinite(feats).all()
+    # still a function of (seed, step) only: same draws, same keys
+    a = MoCo(arch="resnet10s", dim=16, K=16, mlp_hidden=32, cifar_stem=True, bn="split",
+             bn_splits=2, seed=5)
+    b = MoCo(arch="resnet10s", dim=16, K=16, mlp_hidden=32, cifar_stem=True, bn="split",
+             bn_splits=2, seed=5)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.encode_momentum(x, step=4), b.encode_momentum(x, step=4))
