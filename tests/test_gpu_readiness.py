@@ -326,3 +326,45 @@ def test_split_bn_takes_any_seed_the_trainer_takes():
              bn_splits=2, seed=5)
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(a.encode_momentum(x, step=4), b.encode_momentum(x, step=4))
+
+
+# ---------------------------------------------------------------- DALI's GPU-only source mode
+
+@pytest.mark.slow
+def test_dali_parallel_source_of_the_gpu_path_gives_the_serial_batches(tmp_path, monkeypatch):
+    """With a GPU the DALI loader reads files in DALI's spawned worker processes (parallel
+    external_source, the callback pickled, the epoch table reopened there); on the CPU it reads
+    them in the pipeline's thread. The parallel mode, forced here on the CPU, must give the
+    same batches in the same order over two epochs (the table's slots alternate)."""
+    pytest.importorskip("nvidia.dali")
+    import nvidia.dali.fn as dali_fn
+
+    from fastneg.data.synthetic import DatasetSpec, make_dataset
+    from fastneg.loaders import build_loader
+    root = make_dataset(tmp_path / "shapes", DatasetSpec(images_per_class=4, size=32),
+                        progress=False)
+    train = root / "train" if (root / "train").exists() else root
+
+    def epochs():
+        loader = build_loader("dali", train, batch_size=8, size=24, device="cpu", workers=2)
+        seen = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            seen.append([(b.indices.tolist(), b.views[0].clone(), b.views[1].clone())
+                         for b in loader])
+        return seen
+
+    serial = epochs()
+    source, forced = dali_fn.external_source, []
+
+    def parallel_source(**kw):
+        forced.append(kw["parallel"])
+        return source(**{**kw, "parallel": True, "prefetch_queue_depth": 2})
+
+    monkeypatch.setattr(dali_fn, "external_source", parallel_source)
+    parallel = epochs()
+    assert forced == [False]       # one pipeline, built for the CPU, run in the GPU's mode
+    assert [[i for i, _, _ in e] for e in parallel] == [[i for i, _, _ in e] for e in serial]
+    assert serial[0][0][0] != serial[1][0][0]          # the epochs differ
+    for a, b in zip(sum(serial, []), sum(parallel, [])):
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
