@@ -57,6 +57,9 @@ from typing import NamedTuple
 # Idle OpenMP threads sleep instead of spinning: on a CPU the loader's threads share the cores
 # with torch's. Set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The NS kernels' per-sample draw launches are a few blocks by design (one thread per sample);
+# Numba would warn about their grid size on every GPU run. Read when numba.cuda loads.
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 import numba  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
