@@ -122,3 +122,55 @@ def test_gpu_decode_never_writes_memory_queued_work_still_reads():
         assert got.shape == (3, side, side)
         # nvJPEG's and libjpeg's IDCTs differ by a level or two, not more
         assert (got.cpu().float() - ref.float()).abs().mean() < 2
+
+
+# ------------------------------------------------- one rank, one GPU
+
+_SECOND_GPU_ONLY = r"""
+import sys
+import torch
+torch.cuda.set_device(1)                       # what the trainer does on local rank 1
+from fastneg.augment import MoCoV2Augment
+from fastneg.loaders import build_loader
+from fastneg.step import make_views_and_negatives
+kind, data = sys.argv[1], sys.argv[2]
+if kind == "ffcv":       # written before any Loader runs in this process (LOADER-NOTES.md)
+    from fastneg.data.convert import convert_to_beton
+    data = convert_to_beton(data, sys.argv[3], progress=False, workers=1)
+loader = build_loader(kind, data, batch_size=8, size=32, device="cuda:1", workers=2)
+loader.set_epoch(0)
+for batch in loader:
+    assert batch.views[0].device == torch.device("cuda", 1)
+    make_views_and_negatives(batch, aug=MoCoV2Augment(), seed=0, step=0, patch_range=(4, 12))
+torch.cuda.synchronize(1)
+print("context on GPU 0:", torch._C._cuda_hasPrimaryContext(0))
+"""
+
+
+@pytest.mark.parametrize("kind", ["torch", "ffcv", "dali"])
+def test_a_rank_on_gpu_1_makes_no_context_on_gpu_0(kind, tmp_path):
+    """Every thread a loader starts (the torch loader's prefetch thread and its DataLoader's
+    pin-memory thread, FFCV's loading thread, DALI's) and the Numba launches must stay on the
+    rank's GPU: a context on GPU 0 costs each rank ~0.5 GB there, 8 ranks 4 GB."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from fastneg.loaders import available_kinds
+    if kind not in available_kinds():
+        pytest.skip(f"{kind} is not installed")
+    from fastneg.data.synthetic import DatasetSpec, make_dataset
+    root = make_dataset(tmp_path / "shapes", DatasetSpec(images_per_class=4, size=48),
+                        progress=False)
+    data = root / "train" if (root / "train").exists() else root
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get(
+        "PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _SECOND_GPU_ONLY, kind, str(data),
+                           str(tmp_path / "train.beton")], env=env,
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "context on GPU 0: False" in done.stdout, done.stdout
