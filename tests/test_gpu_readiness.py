@@ -368,3 +368,31 @@ def test_dali_parallel_source_of_the_gpu_path_gives_the_serial_batches(tmp_path,
     assert serial[0][0][0] != serial[1][0][0]          # the epochs differ
     for a, b in zip(sum(serial, []), sum(parallel, [])):
         assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+def test_ffcv_loading_thread_stays_on_the_consumers_gpu(monkeypatch):
+    """FFCV's EpochIterator thread switches to its streams' device and back for every batch;
+    "back" is device 0 in a new thread, and cudaSetDevice(0) makes a context on GPU 0. The
+    thread takes its streams' device first."""
+    pytest.importorskip("ffcv")
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    from fastneg.loaders.ffcv import _ReportingEpochIterator
+    current, seen = threading.local(), []
+
+    class Stream:
+        device = torch.device("cuda", 3)
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: setattr(current, "device", d))
+    monkeypatch.setattr(EpochIterator, "run",
+                        lambda self: seen.append(getattr(current, "device", "unset")))
+    it = object.__new__(_ReportingEpochIterator)     # the thread's state only, no loader
+    it.terminate_event, it.closed = threading.Event(), True
+    for streams in ([Stream(), Stream()], [None, None]):   # a GPU; none (FFCV made no streams)
+        it.cuda_streams = streams
+        thread = threading.Thread(target=it.run)
+        thread.start()
+        thread.join()
+    assert seen == [torch.device("cuda", 3), "unset"] and it.error is None
