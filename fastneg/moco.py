@@ -205,7 +205,8 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-# torch >= 2.14 calls it all_gather_single (all_gather_into_tensor, its old name, warns there).
+# torch >= 2.13 calls it all_gather_single (all_gather_into_tensor, its old name, warns there;
+# torch 2.11 has only the old name).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -293,7 +294,8 @@ class MoCo(nn.Module):
             if world > 1:
                 raise ValueError("bn='split' is for one process; use 'shuffle' across processes")
             gen = torch.Generator(device=x.device)
-            gen.manual_seed(self.seed * 2 ** 32 + step)
+            # shuffle_seed, not seed * 2**32 + step (over torch's 64 bits from seed 2**32 on)
+            gen.manual_seed(shuffle_seed(self.seed, step))
             perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
             return F.normalize(self.encoder_k(x[perm]), dim=1)[torch.argsort(perm)]
         if self.bn == "sync" or world == 1:

@@ -306,3 +306,93 @@ def test_nvjpeg_decode_waits_for_the_work_queued_on_its_stream(monkeypatch):
     fake = _FakeCuda(monkeypatch)
     _decode_jpeg_gpu([torch.zeros(4, dtype=torch.uint8)], torch.device("cuda", 0))
     assert fake.log == ["sync", "decode"]
+
+
+def test_split_bn_takes_any_seed_the_trainer_takes():
+    """Split BN seeded its permutation with seed * 2**32 + step, which overflows torch's 64-bit
+    seed from seed 2**32 on (a RuntimeError at the first step); it uses shuffle_seed now."""
+    from fastneg.moco import MoCo
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    for seed in (2 ** 32, 2 ** 63 - 1):
+        model = MoCo(arch="resnet10s", dim=16, K=16, mlp_hidden=32, cifar_stem=True, bn="split",
+                     bn_splits=2, seed=seed)
+        feats = model.encode_momentum(x, step=3)
+        assert feats.shape == (8, 16) and torch.isfinite(feats).all()
+    # still a function of (seed, step) only: same draws, same keys
+    a = MoCo(arch="resnet10s", dim=16, K=16, mlp_hidden=32, cifar_stem=True, bn="split",
+             bn_splits=2, seed=5)
+    b = MoCo(arch="resnet10s", dim=16, K=16, mlp_hidden=32, cifar_stem=True, bn="split",
+             bn_splits=2, seed=5)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a.encode_momentum(x, step=4), b.encode_momentum(x, step=4))
+
+
+# ---------------------------------------------------------------- DALI's GPU-only source mode
+
+@pytest.mark.slow
+def test_dali_parallel_source_of_the_gpu_path_gives_the_serial_batches(tmp_path, monkeypatch):
+    """With a GPU the DALI loader reads files in DALI's spawned worker processes (parallel
+    external_source, the callback pickled, the epoch table reopened there); on the CPU it reads
+    them in the pipeline's thread. The parallel mode, forced here on the CPU, must give the
+    same batches in the same order over two epochs (the table's slots alternate)."""
+    pytest.importorskip("nvidia.dali")
+    import nvidia.dali.fn as dali_fn
+
+    from fastneg.data.synthetic import DatasetSpec, make_dataset
+    from fastneg.loaders import build_loader
+    root = make_dataset(tmp_path / "shapes", DatasetSpec(images_per_class=4, size=32),
+                        progress=False)
+    train = root / "train" if (root / "train").exists() else root
+
+    def epochs():
+        loader = build_loader("dali", train, batch_size=8, size=24, device="cpu", workers=2)
+        seen = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            seen.append([(b.indices.tolist(), b.views[0].clone(), b.views[1].clone())
+                         for b in loader])
+        return seen
+
+    serial = epochs()
+    source, forced = dali_fn.external_source, []
+
+    def parallel_source(**kw):
+        forced.append(kw["parallel"])
+        return source(**{**kw, "parallel": True, "prefetch_queue_depth": 2})
+
+    monkeypatch.setattr(dali_fn, "external_source", parallel_source)
+    parallel = epochs()
+    assert forced == [False]       # one pipeline, built for the CPU, run in the GPU's mode
+    assert [[i for i, _, _ in e] for e in parallel] == [[i for i, _, _ in e] for e in serial]
+    assert serial[0][0][0] != serial[1][0][0]          # the epochs differ
+    for a, b in zip(sum(serial, []), sum(parallel, [])):
+        assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+def test_ffcv_loading_thread_stays_on_the_consumers_gpu(monkeypatch):
+    """FFCV's EpochIterator thread switches to its streams' device and back for every batch;
+    "back" is device 0 in a new thread, and cudaSetDevice(0) makes a context on GPU 0. The
+    thread takes its streams' device first."""
+    pytest.importorskip("ffcv")
+    import threading
+
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    from fastneg.loaders.ffcv import _ReportingEpochIterator
+    current, seen = threading.local(), []
+
+    class Stream:
+        device = torch.device("cuda", 3)
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: setattr(current, "device", d))
+    monkeypatch.setattr(EpochIterator, "run",
+                        lambda self: seen.append(getattr(current, "device", "unset")))
+    it = object.__new__(_ReportingEpochIterator)     # the thread's state only, no loader
+    it.terminate_event, it.closed = threading.Event(), True
+    for streams in ([Stream(), Stream()], [None, None]):   # a GPU; none (FFCV made no streams)
+        it.cuda_streams = streams
+        thread = threading.Thread(target=it.run)
+        thread.start()
+        thread.join()
+    assert seen == [torch.device("cuda", 3), "unset"] and it.error is None

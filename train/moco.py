@@ -57,6 +57,9 @@ from typing import NamedTuple
 # Idle OpenMP threads sleep instead of spinning: on a CPU the loader's threads share the cores
 # with torch's. Set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The NS kernels' per-sample draw launches are a few blocks by design (one thread per sample);
+# Numba would warn about their grid size on every GPU run. Read when numba.cuda loads.
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 import numba  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -443,6 +446,19 @@ def build_training_model(args, procs: Processes, ckpt):
     return model, train_model, optimizer, scaler, step
 
 
+def train_step(train_model, optimizer, scaler, autocast, views, negatives, step: int):
+    """One optimizer step on one batch's views and negatives; returns the loss, left on the
+    device. No host sync in bf16 or fp32; in fp16 the GradScaler reads its inf check once
+    (tests/test_gpu_syncs.py counts them)."""
+    with autocast:
+        loss, _ = train_model(views[0], views[1], ns=negatives, step=step)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def set_learning_rate(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -649,12 +665,7 @@ def main(argv=None):
             views, negatives = views_and_negatives(batch, step=step)
             if procs.main and step == 0:
                 save_grid(views + negatives, out / "batch.png")
-            with autocast:
-                loss, _ = train_model(views[0], views[1], ns=negatives, step=step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(train_model, optimizer, scaler, autocast, views, negatives, step)
             step += 1
             run_log.step_done(step, epoch, loss, data_wait, optimizer.param_groups[0]["lr"])
             if step % args.log_every == 0 and stop.agreed(procs.distributed, device):

@@ -240,6 +240,13 @@ class _ReportingEpochIterator(EpochIterator):
 
     def run(self):
         try:
+            streams = getattr(self, "cuda_streams", None)
+            if streams and streams[0] is not None:
+                # A new thread's current CUDA device is 0. FFCV's thread enters its streams'
+                # device for each batch, and leaving restores device 0 by cudaSetDevice, which
+                # makes a CUDA context on GPU 0 (every rank of a node, ~0.5 GB each): stay on
+                # the device its streams were made on (the consumer's).
+                torch.cuda.set_device(streams[0].device)
             super().run()
         except BaseException as e:   # noqa: BLE001 - handed to the consumer, re-raised there
             self.error = e
