@@ -201,29 +201,48 @@ def convert_to_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE,
 
 
 def register(sub) -> None:
-    c = sub.add_parser("convert", help="convert an ImageFolder for a loader (FFCV .beton)",
+    c = sub.add_parser("convert", help="convert an ImageFolder for a loader (FFCV .beton, "
+                                       "WebDataset tar shards)",
                        description="Convert an ImageFolder to FFCV's .beton (plus OUT.json "
-                                   "sidecar) for `build_loader('ffcv', OUT)`. Images are stored "
-                                   "as JPEG, longer side at most --max-side.")
-    c.add_argument("--to", required=True, choices=["ffcv"], help="target format")
+                                   "sidecar) for `build_loader('ffcv', OUT)`, images stored "
+                                   "as JPEG, longer side at most --max-side; or (--to wds) to a "
+                                   "folder OUT of tar shards in the WebDataset layout (KEY.jpg + "
+                                   "KEY.cls, the files unchanged) with DALI index files and a "
+                                   "manifest, for the dali and torch loaders "
+                                   "(see fastneg.data.shards).")
+    c.add_argument("--to", required=True, choices=["ffcv", "wds"], help="target format")
     c.add_argument("src", help="ImageFolder root (ROOT/<class>/<image>)")
-    c.add_argument("out", help="output file, e.g. train.beton")
+    c.add_argument("out", help="output file, e.g. train.beton; for wds an output folder")
+    c.add_argument("--shard-size", default=None,
+                   help="wds: bytes per shard, e.g. 1GB, 500MB, 64KiB (default 1GB)")
+    c.add_argument("--prefix", default="train",
+                   help="wds: shard file names PREFIX-0000.tar ... (default train)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="wds: seed of the order that spreads the images over the shards "
+                        "(default 0)")
     c.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
                    help=f"longest stored side in pixels (default {DEFAULT_MAX_SIDE})")
     c.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
                    help=f"JPEG quality of the stored images (default {DEFAULT_QUALITY})")
     c.add_argument("--skip-bad", action="store_true",
-                   help="store unreadable files as placeholders that loaders skip, "
-                        "instead of stopping")
+                   help="store unreadable files as placeholders that loaders skip (wds: leave "
+                        "them out, listed in the manifest), instead of stopping")
     c.add_argument("--workers", type=int, default=None, help="processes (default: available cores)")
     c.add_argument("--texture-bank", metavar="BANK", default=None,
                    help="also store each image's texture from this JPEG texture bank (for "
                         "build_loader('ffcv', ..., texture_bank=...))")
-    c.add_argument("--force", action="store_true", help="replace an existing output file")
+    c.add_argument("--force", action="store_true",
+                   help="replace an existing output file (or folder)")
     c.set_defaults(func=run)
 
 
 def run(args) -> None:
+    if args.to == "wds":
+        from fastneg.data import shards
+        args.shard_size = args.shard_size or shards.DEFAULT_SHARD_SIZE
+        return shards.run(args)
+    if args.shard_size is not None:
+        raise ValueError("--shard-size applies to --to wds only")
     info = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality,
                        skip_bad=args.skip_bad, workers=args.workers, force=args.force,
                        texture_bank=args.texture_bank)
