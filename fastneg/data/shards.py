@@ -130,8 +130,11 @@ def open_shard(name: str):
     if name.startswith("pipe:"):
         proc = subprocess.Popen(name[5:], shell=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, bufsize=1 << 20)
+        failure = None
         try:
             yield proc.stdout
+        except ShardError as e:     # a failed command's cut output: its status says more
+            failure = e
         finally:
             proc.stdout.close()
             err = proc.stderr.read().decode(errors="replace").strip()
@@ -140,6 +143,8 @@ def open_shard(name: str):
         if status != 0:
             raise ShardError(f"shard {name}: the command exited with status {status}"
                              + (f" ({err.splitlines()[-1]})" if err else ""))
+        if failure is not None:
+            raise failure
         return
     if name.startswith(("http://", "https://")):
         import urllib.error
