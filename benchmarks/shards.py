@@ -18,12 +18,14 @@ Per dataset:
 - per loader (`--loaders`, default torch and dali) and source (folder, shards): the bare
   loader's img/s (its two uint8 crops of --size, nothing after) over --batches batches after
   --warmup, batch --batch-size, on this machine's CPU with --workers (default: its cores).
-Rows run one after another in this process. Prints a table and writes --json.
+Each loader row runs in a fresh child process, one after another. Prints the figures and
+writes --json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +86,18 @@ def loader_rate(kind: str, source, args) -> dict:
     return {"img_s": images / seconds, "first_batch_s": first, "batches": args.batches}
 
 
+def loader_rate_in_child(kind: str, source, args) -> dict:
+    """loader_rate in a fresh process (no earlier loader's threads or workers around)."""
+    cmd = [sys.executable, __file__, "--row", kind, str(source), "--batches", str(args.batches),
+           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--size",
+           str(args.size), "--workers", str(args.workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"img_s": float("nan"), "first_batch_s": float("nan"),
+                "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_dataset(name: str, root: Path, workdir: Path, args) -> dict:
     out_dir = workdir / f"{name}-shards"
     t0 = time.perf_counter()
@@ -97,7 +111,7 @@ def bench_dataset(name: str, root: Path, workdir: Path, args) -> dict:
           f"{row['read_shards_img_s']:,.0f} img/s (shards)", flush=True)
     for kind in args.loaders:
         for source, data in (("folder", root), ("shards", out_dir)):
-            r = loader_rate(kind, data, args)
+            r = loader_rate_in_child(kind, data, args)
             row["loaders"][f"{kind}/{source}"] = r
             print(f"  {kind:5s} {source:6s} {r['img_s']:8.0f} img/s  (first batch "
                   f"{r['first_batch_s']:.1f} s)", flush=True)
@@ -120,8 +134,13 @@ def main(argv=None) -> int:
                     help="loader threads / processes (default: the cores this process may use)")
     ap.add_argument("--shard-size", default="64MB", help="bytes per shard (64MB)")
     ap.add_argument("--json", type=Path, default=Path("shards.json"), help="result file")
+    ap.add_argument("--row", nargs=2, metavar=("KIND", "DATA"),
+                    help="measure one loader row and print it as JSON (used internally)")
     args = ap.parse_args(argv)
     args.workers = args.workers or available_cpus()
+    if args.row:
+        print(json.dumps(loader_rate(args.row[0], args.row[1], args)))
+        return 0
     args.loaders = [k for k in args.loaders.split(",") if k]
     missing = [k for k in args.loaders if k not in available_kinds() or k == "ffcv"]
     if missing:

@@ -481,3 +481,18 @@ def test_tar_reader_follows_long_names_and_checks_headers(fmt):
     for cut in (blob[:len(blob) // 2], blob[:last_header], blob[:last_header + 700], damaged):
         with pytest.raises(wds.ShardError, match="t.tar.*(truncated|damaged)"):
             list(wds.iter_tar(io.BytesIO(cut), "t.tar"))
+
+
+def test_device_decode_path_reads_shards_like_the_cpu_path(data):
+    """The GPU path's code (batched decode + matrix crops, sizes from the stream) run on CPU
+    tensors: the same samples and, within rounding, the same crops as the worker path."""
+    from fastneg.loaders.common import LoaderConfig
+    from fastneg.loaders.shards_torch import ShardLoader
+
+    _, _, converted, _, _ = data
+    cfg = LoaderConfig(batch_size=4, size=SIZE, device="cpu", workers=0, seed=2)
+    cpu, dev = ShardLoader(converted, cfg), ShardLoader(converted, cfg, device_decode=True)
+    for a, b in zip(list(cpu), list(dev)):
+        assert a.indices.tolist() == b.indices.tolist() and a.labels.tolist() == b.labels.tolist()
+        for va, vb in zip(a.views, b.views):
+            assert (va.float() - vb.float()).abs().max() <= 2

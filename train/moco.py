@@ -401,7 +401,8 @@ def step_inputs(args, procs: Processes, root: Path):
     bank = None
     if args.negatives in ("texture", "both") and loader_texture_bank(args) is None:
         from fastneg.texture import TextureBank
-        bank = TextureBank.load(args.texture_bank, procs.device, expect=None if isinstance(root, str) else str(root / "train"))
+        expect = None if isinstance(root, str) else str(root / "train")   # str: shards
+        bank = TextureBank.load(args.texture_bank, procs.device, expect=expect)
     return functools.partial(make_views_and_negatives, aug=aug, seed=args.seed,
                              rank=procs.rank, world_size=procs.world, negatives=args.negatives,
                              patch_range=args.patch_range, textures=bank)

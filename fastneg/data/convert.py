@@ -1,4 +1,5 @@
 """`fastneg convert --to ffcv DIR OUT.beton`: an ImageFolder to FFCV's .beton format.
+(`fastneg convert --to wds DIR OUT`, tar shards: fastneg.data.shards; this module parses both.)
 
 Layout (what fastneg.loaders.ffcv reads): sample i = dataset index i of
 fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
