@@ -496,3 +496,32 @@ def test_device_decode_path_reads_shards_like_the_cpu_path(data):
         assert a.indices.tolist() == b.indices.tolist() and a.labels.tolist() == b.labels.tolist()
         for va, vb in zip(a.views, b.views):
             assert (va.float() - vb.float()).abs().max() <= 2
+
+
+@pytest.fixture(scope="module")
+def bank(data):
+    from fastneg.texture import BankSpec, build_bank
+
+    root, train = data[:2]
+    build_bank(train, root / "bank", BankSpec(size=24, exemplar=16, seed=3), workers=1,
+               progress=False)
+    return root / "bank"
+
+
+@pytest.mark.slow   # texture synthesis of 40 images: ~20 s on 2 shared cores
+@pytest.mark.parametrize("kind", KINDS)
+def test_textures_are_fetched_by_key(data, bank, kind):
+    """A JPEG texture bank of the source folder pairs with fastneg's shards through the keys
+    (dataset indices): the same textures, crops and flips as on the folder."""
+    _, train, converted, equal, _ = data
+    kw = dict(batch_size=4, size=SIZE, device="cpu", workers=1, texture_bank=bank, seed=4)
+    folder = build_loader("torch", train, drop_last=False, **kw)
+    want = {i: t for b in folder for i, t in zip(b.indices.tolist(), b.textures)}
+    loader = build_loader(kind, converted, **kw)
+    got = [(i, t) for b in loader for i, t in zip(b.indices.tolist(), b.textures)]
+    assert len(got) == len(loader) * 4
+    tolerance = 0 if kind == "torch" else 3
+    for i, t in got:
+        assert (t.float() - want[i].float()).abs().mean() <= tolerance, i
+    with pytest.raises(ValueError, match="dataset indices"):
+        build_loader(kind, equal, **kw)

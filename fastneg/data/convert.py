@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastneg.data.staging import check_writable as _check_writable
 from fastneg.data.staging import swap_in, temporary_sibling
 
 LAYOUT = "fastneg-beton"
@@ -131,16 +132,6 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
         return _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad, bank)
     finally:
         partial.unlink(missing_ok=True)    # after any error: no half-written file is left
-
-
-def _check_writable(folder: Path) -> None:
-    """A one-line error now for an output folder this process cannot write to."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent          # the folder will be created: its first existing parent
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"cannot write to {probe} (read-only or not yours): choose "
-                              "another output file")
 
 
 def _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad, bank) -> dict:

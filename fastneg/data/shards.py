@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastneg.data.staging import swap_in, temporary_sibling
+from fastneg.data.staging import check_writable, swap_in, temporary_sibling
 from fastneg.kernels import rng
 
 log = logging.getLogger("fastneg.data")
@@ -451,8 +451,7 @@ def write_shards(src, out, *, shard_size: str | int = DEFAULT_SHARD_SIZE, prefix
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    from fastneg.data.convert import _check_writable
-    _check_writable(out.parent)
+    check_writable(out.parent)
     index = load_index(src, workers=workers or available_cpus(), progress=progress)
     check = index.file_check()
     require_readable(check, skip_bad)
