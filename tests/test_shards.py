@@ -205,7 +205,7 @@ def test_four_ranks_read_every_sample_once_with_equal_steps(data, kind):
     """2 nodes x 2 ranks (global ranks 0..3) over 8 equal shards: the union of one epoch is the
     whole set, no sample on two ranks, every rank the same steps; epochs reshuffle."""
     _, _, _, equal, _ = data
-    loaders = [build_loader(kind, equal, batch_size=5, size=SIZE, device="cpu", workers=1,
+    loaders = [build_loader(kind, equal, batch_size=5, size=SIZE, device="cpu", workers=0,
                             rank=r, world_size=4, seed=3) for r in range(4)]
     assert [len(loader) for loader in loaders] == [2] * 4
     by_epoch = []
@@ -219,7 +219,7 @@ def test_four_ranks_read_every_sample_once_with_equal_steps(data, kind):
         by_epoch.append(flat)
     assert by_epoch[0] != by_epoch[1]
     assert [set(x) for x in by_epoch[0]] != [set(x) for x in by_epoch[1]]   # shards reassigned
-    again = build_loader(kind, equal, batch_size=5, size=SIZE, device="cpu", workers=1,
+    again = build_loader(kind, equal, batch_size=5, size=SIZE, device="cpu", workers=0,
                          rank=2, world_size=4, seed=3)
     assert sum(epoch_indices(again, 1), []) == by_epoch[1][2]     # same seed, same order
 

@@ -213,9 +213,9 @@ def register(sub) -> None:
                    help="wds: seed of the order that spreads the images over the shards "
                         "(default 0)")
     c.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                   help=f"longest stored side in pixels (default {DEFAULT_MAX_SIDE})")
+                   help=f"ffcv: longest stored side in pixels (default {DEFAULT_MAX_SIDE})")
     c.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
-                   help=f"JPEG quality of the stored images (default {DEFAULT_QUALITY})")
+                   help=f"ffcv: JPEG quality of the stored images (default {DEFAULT_QUALITY})")
     c.add_argument("--skip-bad", action="store_true",
                    help="store unreadable files as placeholders that loaders skip (wds: leave "
                         "them out, listed in the manifest), instead of stopping")
@@ -230,6 +230,10 @@ def register(sub) -> None:
 
 def run(args) -> None:
     if args.to == "wds":
+        if args.texture_bank is not None:
+            raise ValueError("--texture-bank applies to --to ffcv: the loaders fetch a shard "
+                             "sample's texture from the bank by its key (pass the bank to "
+                             "the loader or trainer instead)")
         from fastneg.data import shards
         args.shard_size = args.shard_size or shards.DEFAULT_SHARD_SIZE
         return shards.run(args)
