@@ -525,3 +525,14 @@ def test_textures_are_fetched_by_key(data, bank, kind):
         assert (t.float() - want[i].float()).abs().mean() <= tolerance, i
     with pytest.raises(ValueError, match="dataset indices"):
         build_loader(kind, equal, **kw)
+
+
+def test_what_counts_as_shards(data, tmp_path):
+    root, train, converted, equal, _ = data
+    assert wds.looks_like_shards(converted) and wds.looks_like_shards(equal)
+    assert wds.looks_like_shards("pipe:cat a.tar") and wds.looks_like_shards("x-{0..3}.tar")
+    assert not wds.looks_like_shards(train) and not wds.looks_like_shards(root / "x.beton")
+    dataset = tmp_path / "IN"                     # ROOT/train plus the downloaded archive
+    (dataset / "train" / "a").mkdir(parents=True)
+    (dataset / "ILSVRC2012_img_train.tar").write_bytes(b"")
+    assert not wds.looks_like_shards(dataset)

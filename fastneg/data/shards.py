@@ -114,13 +114,21 @@ def is_url(name: str) -> bool:
 
 
 def looks_like_shards(data) -> bool:
-    """Whether `data` names tar shards (a pattern, a URL, a .tar, or a folder with *.tar or a
-    manifest) rather than an ImageFolder or a .beton."""
+    """Whether `data` names tar shards (a pattern, a URL, a .tar, a folder with a manifest, or
+    a folder of *.tar without sub-folders) rather than an ImageFolder or a .beton."""
     name = str(data)
     if is_url(name) or _BRACE.search(name) or name.endswith(".tar"):
         return True
     folder = Path(name)
-    return folder.is_dir() and ((folder / MANIFEST).is_file() or any(folder.glob("*.tar")))
+    if not folder.is_dir():
+        return False
+    if (folder / MANIFEST).is_file():
+        return True
+    # *.tar and no sub-folder: an ImageFolder (or a dataset ROOT with train/) holding a stray
+    # archive, such as ImageNet's download, stays a folder
+    entries = list(os.scandir(folder))
+    return any(e.name.endswith(".tar") and e.is_file() for e in entries) and \
+        not any(e.is_dir() and not e.name.startswith(".") for e in entries)
 
 
 @contextmanager
