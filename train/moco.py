@@ -9,7 +9,9 @@
 Data: --data ROOT follows MoCo's convention, ROOT/train is an ImageFolder (class/image.jpg);
 for --loader ffcv the trainer reads ROOT/train.beton and makes it on first use with
 `fastneg convert`. Without --data: the embedded shapes dataset, generated on first use.
-Multi-node runs need --data on a shared or per-node copy.
+Multi-node runs need --data on a shared or per-node copy. --data may also name tar shards in the
+WebDataset layout (`fastneg convert --to wds`, or your own: a folder, 'train-{0000..0146}.tar',
+a URL or 'pipe:curl -s URL'), read by --loader dali and torch; each rank reads its own shards.
 
 Processes: one per GPU (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; init is env://, NCCL on
 GPUs, gloo on CPUs); plain `python train/moco.py` runs one process. --batch-size is the global
@@ -67,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, MoCoV2Augment  # noqa: E402
 from fastneg.data.files import available_cpus  # noqa: E402
+from fastneg.data.shards import looks_like_shards  # noqa: E402
 from fastneg.data.synthetic import ensure_dataset  # noqa: E402
 from fastneg.gpu import refuse_cpu_fallback  # noqa: E402
 from fastneg.host import keep_freed_memory  # noqa: E402
@@ -128,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, help=help, **kw)
 
     add_flag("--preset", "a named set of settings (see below)", choices=sorted(PRESETS))
-    add_flag("--data", "dataset ROOT holding ROOT/train (default: the embedded dataset)")
+    add_flag("--data", "dataset ROOT holding ROOT/train, or tar shards in the WebDataset layout "
+             "(a folder of *.tar, a pattern such as 'train-{0000..0146}.tar', a URL or "
+             "'pipe:CMD'; dali and torch loaders) (default: the embedded dataset)")
     add_flag("--loader", "data loader backend", choices=KINDS)
     add_flag("--workers", "loader worker threads or processes (default: the loader's choice)",
              type=int)
@@ -318,8 +323,14 @@ def setup_processes(parser, args) -> Processes:
 
 # ---------------------------------------------------------------- data
 
-def dataset_root(args, procs: Processes) -> Path:
-    """--data, or the embedded dataset (generated once, by local rank 0)."""
+def dataset_root(args, procs: Processes) -> Path | str:
+    """--data, or the embedded dataset (generated once, by local rank 0); tar shards (a
+    folder of *.tar, a brace pattern, a URL: fastneg.data.shards) as given, a str."""
+    if args.data is not None and looks_like_shards(args.data):
+        if args.eval:
+            raise ValueError(f"--eval evaluates on ROOT/val of a dataset folder; --data "
+                             f"{args.data} names tar shards: run `fastneg eval` afterwards")
+        return args.data
     if args.data is None:
         root = ensure_dataset() if procs.local_rank == 0 else None
         if procs.distributed:
@@ -344,7 +355,12 @@ def loader_texture_bank(args) -> str | None:
 
 def loader_source(args, procs: Processes, root: Path) -> Path:
     """What the loader reads: ROOT/train, or for FFCV ROOT/train.beton (converted once;
-    ROOT/train.textures.beton with the textures of a JPEG --texture-bank)."""
+    ROOT/train.textures.beton with the textures of a JPEG --texture-bank); shards as given."""
+    if isinstance(root, str):
+        if args.loader == "ffcv":
+            raise ValueError(f"--data {root} names tar shards, which --loader dali and --loader "
+                             "torch read; --loader ffcv reads a dataset folder")
+        return root
     if args.loader != "ffcv":
         return root / "train"
     bank = loader_texture_bank(args)
@@ -388,7 +404,8 @@ def step_inputs(args, procs: Processes, root: Path):
     bank = None
     if args.negatives in ("texture", "both") and loader_texture_bank(args) is None:
         from fastneg.texture import TextureBank
-        bank = TextureBank.load(args.texture_bank, procs.device, expect=str(root / "train"))
+        expect = None if isinstance(root, str) else str(root / "train")   # str: shards
+        bank = TextureBank.load(args.texture_bank, procs.device, expect=expect)
     return functools.partial(make_views_and_negatives, aug=aug, seed=args.seed,
                              rank=procs.rank, world_size=procs.world, negatives=args.negatives,
                              patch_range=args.patch_range, textures=bank)

@@ -1,4 +1,5 @@
 """`fastneg convert --to ffcv DIR OUT.beton`: an ImageFolder to FFCV's .beton format.
+(`fastneg convert --to wds DIR OUT`, tar shards: fastneg.data.shards; this module parses both.)
 
 Layout (what fastneg.loaders.ffcv reads): sample i = dataset index i of
 fastneg.data.imagefolder.scan_image_folder(DIR), with three fields
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastneg.data.staging import check_writable as _check_writable
 from fastneg.data.staging import swap_in, temporary_sibling
 
 LAYOUT = "fastneg-beton"
@@ -132,16 +134,6 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
         partial.unlink(missing_ok=True)    # after any error: no half-written file is left
 
 
-def _check_writable(folder: Path) -> None:
-    """A one-line error now for an output folder this process cannot write to."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent          # the folder will be created: its first existing parent
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"cannot write to {probe} (read-only or not yours): choose "
-                              "another output file")
-
-
 def _write(images, check, bad, out, partial, max_side, quality, workers, skip_bad, bank) -> dict:
     from fastneg.data.ffcv_import import import_ffcv
     import_ffcv()   # first: skips the Numba compilation FFCV's own import would do (2.4 s)
@@ -201,29 +193,52 @@ def convert_to_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE,
 
 
 def register(sub) -> None:
-    c = sub.add_parser("convert", help="convert an ImageFolder for a loader (FFCV .beton)",
+    c = sub.add_parser("convert", help="convert an ImageFolder for a loader (FFCV .beton, "
+                                       "WebDataset tar shards)",
                        description="Convert an ImageFolder to FFCV's .beton (plus OUT.json "
-                                   "sidecar) for `build_loader('ffcv', OUT)`. Images are stored "
-                                   "as JPEG, longer side at most --max-side.")
-    c.add_argument("--to", required=True, choices=["ffcv"], help="target format")
+                                   "sidecar) for `build_loader('ffcv', OUT)`, images stored "
+                                   "as JPEG, longer side at most --max-side; or (--to wds) to a "
+                                   "folder OUT of tar shards in the WebDataset layout (KEY.jpg + "
+                                   "KEY.cls, the files unchanged) with DALI index files and a "
+                                   "manifest, for the dali and torch loaders "
+                                   "(see fastneg.data.shards).")
+    c.add_argument("--to", required=True, choices=["ffcv", "wds"], help="target format")
     c.add_argument("src", help="ImageFolder root (ROOT/<class>/<image>)")
-    c.add_argument("out", help="output file, e.g. train.beton")
+    c.add_argument("out", help="output file, e.g. train.beton; for wds an output folder")
+    c.add_argument("--shard-size", default=None,
+                   help="wds: bytes per shard, e.g. 1GB, 500MB, 64KiB (default 1GB)")
+    c.add_argument("--prefix", default="train",
+                   help="wds: shard file names PREFIX-0000.tar ... (default train)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="wds: seed of the order that spreads the images over the shards "
+                        "(default 0)")
     c.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
-                   help=f"longest stored side in pixels (default {DEFAULT_MAX_SIDE})")
+                   help=f"ffcv: longest stored side in pixels (default {DEFAULT_MAX_SIDE})")
     c.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
-                   help=f"JPEG quality of the stored images (default {DEFAULT_QUALITY})")
+                   help=f"ffcv: JPEG quality of the stored images (default {DEFAULT_QUALITY})")
     c.add_argument("--skip-bad", action="store_true",
-                   help="store unreadable files as placeholders that loaders skip, "
-                        "instead of stopping")
+                   help="store unreadable files as placeholders that loaders skip (wds: leave "
+                        "them out, listed in the manifest), instead of stopping")
     c.add_argument("--workers", type=int, default=None, help="processes (default: available cores)")
     c.add_argument("--texture-bank", metavar="BANK", default=None,
                    help="also store each image's texture from this JPEG texture bank (for "
                         "build_loader('ffcv', ..., texture_bank=...))")
-    c.add_argument("--force", action="store_true", help="replace an existing output file")
+    c.add_argument("--force", action="store_true",
+                   help="replace an existing output file (or folder)")
     c.set_defaults(func=run)
 
 
 def run(args) -> None:
+    if args.to == "wds":
+        if args.texture_bank is not None:
+            raise ValueError("--texture-bank applies to --to ffcv: the loaders fetch a shard "
+                             "sample's texture from the bank by its key (pass the bank to "
+                             "the loader or trainer instead)")
+        from fastneg.data import shards
+        args.shard_size = args.shard_size or shards.DEFAULT_SHARD_SIZE
+        return shards.run(args)
+    if args.shard_size is not None:
+        raise ValueError("--shard-size applies to --to wds only")
     info = write_beton(args.src, args.out, max_side=args.max_side, quality=args.quality,
                        skip_bad=args.skip_bad, workers=args.workers, force=args.force,
                        texture_bank=args.texture_bank)

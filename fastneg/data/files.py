@@ -159,24 +159,35 @@ def inspect_file(path) -> tuple[str | None, int, int, str]:
         return "not a regular file (a FIFO, device, socket or folder)", 0, 0, ""
     try:
         with open(path, "rb") as f:
-            try:
-                with Image.open(f) as im:
-                    fmt, mode, (w, h) = im.format, im.mode, im.size
-            except Image.DecompressionBombError as e:     # over twice PIL's limit: PIL refuses
-                return _too_large(_claimed_size(f, e)), 0, 0, ""
-            except UnidentifiedImageError:
-                f.seek(0, os.SEEK_END)
-                if f.tell() == 0:
-                    return "empty file", 0, 0, ""
-                return "not an image (content not recognised)", 0, 0, ""
-            except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for broken headers
-                return f"broken image header ({e})", 0, 0, ""
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - TAIL_BYTES))
-            tail = f.read()
-            jpeg_ended = fmt not in ("JPEG", "MPO") or _jpeg_has_end(f, size)
+            return _inspect_open(f)
     except OSError as e:
         return f"cannot read ({e.strerror or e})", 0, 0, ""
+
+
+def inspect_bytes(data: bytes) -> tuple[str | None, int, int, str]:
+    """inspect_file's verdict on a file held in memory (a sample read from a tar shard)."""
+    import io
+    return _inspect_open(io.BytesIO(data))
+
+
+def _inspect_open(f) -> tuple[str | None, int, int, str]:
+    """inspect_file's checks on an open binary file (OSError passes through)."""
+    try:
+        with Image.open(f) as im:
+            fmt, mode, (w, h) = im.format, im.mode, im.size
+    except Image.DecompressionBombError as e:     # over twice PIL's limit: PIL refuses
+        return _too_large(_claimed_size(f, e)), 0, 0, ""
+    except UnidentifiedImageError:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return "empty file", 0, 0, ""
+        return "not an image (content not recognised)", 0, 0, ""
+    except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for broken headers
+        return f"broken image header ({e})", 0, 0, ""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - TAIL_BYTES))
+    tail = f.read()
+    jpeg_ended = fmt not in ("JPEG", "MPO") or _jpeg_has_end(f, size)
     if fmt not in SUPPORTED_MODES:
         return (f"{fmt} content; the loaders read JPEG and PNG (by content, whatever the "
                 "extension): convert this file"), 0, 0, ""

@@ -77,3 +77,13 @@ def staged_dir(out: Path):
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(folder: Path) -> None:
+    """A one-line error now for an output folder this process cannot write to."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent          # the folder will be created: its first existing parent
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"cannot write to {probe} (read-only or not yours): choose "
+                              "another output file")

@@ -35,6 +35,9 @@ _BACKENDS = {
     "torch": ("fastneg.loaders.torch_loader", "torchvision", "all"),
 }
 
+# kind -> the module of its loader over tar shards (WebDataset layout, fastneg.data.shards)
+_SHARD_BACKENDS = {"dali": "fastneg.loaders.shards_dali", "torch": "fastneg.loaders.shards_torch"}
+
 
 def available_kinds() -> tuple[str, ...]:
     """The kinds whose library is installed here (found, not imported: FFCV's import is slow)."""
@@ -48,7 +51,9 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
                  drop_last: bool = True, shuffle: bool = True, skip_bad: bool = False,
                  texture_bank=None):
     """A Loader of `kind` over `data`: an ImageFolder root, or for "ffcv" a .beton written by
-    `fastneg convert --to ffcv`.
+    `fastneg convert --to ffcv`, or for "dali" and "torch" tar shards in the WebDataset layout
+    (a folder of *.tar, a brace pattern such as train-{0000..0146}.tar, a URL or pipe:CMD; see
+    fastneg.data.shards; ranks read disjoint shards, see fastneg.loaders.shards).
 
     Each batch: `views` random resized crops (area fraction in `scale`, aspect ratio in `ratio`)
     of one decode per image, as uint8 [N, size, size, 3] on `device`, with labels and dataset
@@ -78,6 +83,12 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
                        device=device, rank=rank, world_size=world_size, seed=seed,
                        workers=workers, drop_last=drop_last, shuffle=shuffle, skip_bad=skip_bad,
                        texture_bank=None if texture_bank is None else str(texture_bank))
+    from fastneg.data.shards import looks_like_shards
+
+    shards = looks_like_shards(data)
+    if shards and kind == "ffcv":
+        raise ValueError(f"{data}: the ffcv loader reads a .beton (fastneg convert --to ffcv); "
+                         "tar shards are read by the dali and torch loaders")
     module_name, package, extra = _BACKENDS[kind]
     try:
         if kind == "ffcv":
@@ -87,4 +98,6 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
     except ImportError as e:
         raise ImportError(f"the {kind!r} loader needs {package}, which cannot be imported here "
                           f"({e}); install it with: pip install 'fastneg[{extra}]'") from e
+    if shards:   # see fastneg.loaders.shards
+        return importlib.import_module(_SHARD_BACKENDS[kind]).ShardLoader(data, cfg)
     return importlib.import_module(module_name).Loader(data, cfg)

@@ -160,14 +160,22 @@ class Loader(LoaderBase):
 
     # ------------------------------------------------------------- the pipeline
 
+    # int64 outputs of the source passed through to the batch as they are (a subclass's)
+    _passthrough: tuple[str, ...] = ()
+
     def _names(self) -> list[str]:
         return [f"view{v}" for v in range(self.cfg.views)] + ["indices"] + \
-            (["textures"] if self._bank is not None else [])
+            (["textures"] if self._bank is not None else []) + list(self._passthrough)
+
+    def _source(self):
+        """(external_source callback, whether it may run in worker processes)."""
+        return _BatchSource(self._paths, self._heights, self._widths, self.cfg, self._table,
+                            self._bank), True
 
     def _build(self) -> None:
         cfg = self.cfg
-        source = _BatchSource(self._paths, self._heights, self._widths, cfg, self._table,
-                              self._bank)
+        source, parallel_ok = self._source()
+        extra = len(self._passthrough)
         py_workers = max(1, min(MAX_PY_WORKERS, cfg.workers))
         device = "mixed" if self._on_gpu else "cpu"
         with_bank = self._bank is not None
@@ -177,15 +185,16 @@ class Loader(LoaderBase):
                       py_num_workers=py_workers,
                       py_start_method="spawn")
         def graph():
-            outputs = 2 + 2 * cfg.views + (4 if with_bank else 0)
+            outputs = 2 + 2 * cfg.views + (4 if with_bank else 0) + extra
             dtypes = [types.UINT8, types.INT64] + [types.FLOAT] * (2 * cfg.views)
             if with_bank:
                 dtypes += [types.UINT8, types.FLOAT, types.FLOAT, types.INT32]
+            dtypes += [types.INT64] * extra
             # Worker processes only with a GPU (spawned): on the CPU the reads are small next to
             # the decode, and workers forked from a process with threads (torch's, another
             # pipeline's) can deadlock and then hang the parent's exit.
             parallel = {"parallel": True, "prefetch_queue_depth": max(2, py_workers)} \
-                if self._on_gpu else {"parallel": False}
+                if self._on_gpu and parallel_ok else {"parallel": False}
             encoded, indices, *rest = fn.external_source(
                 source=source, num_outputs=outputs, batch=True, batch_info=True, dtype=dtypes,
                 **parallel)
@@ -199,12 +208,14 @@ class Loader(LoaderBase):
                      for v in range(cfg.views)]
             result = (*views, indices.gpu() if self._on_gpu else indices)
             if with_bank:
-                tex_encoded, tex_start, tex_end, tex_flip = rest[2 * cfg.views:]
+                tex_encoded, tex_start, tex_end, tex_flip = rest[2 * cfg.views:2 * cfg.views + 4]
                 tex = fn.decoders.image(tex_encoded, device=device, output_type=types.RGB)
                 tex = fn.resize(tex, roi_start=tex_start, roi_end=tex_end, roi_relative=False,
                                 size=[cfg.size, cfg.size], antialias=True,
                                 interp_type=types.INTERP_LINEAR)
                 result += (fn.flip(tex, horizontal=tex_flip),)
+            if extra:
+                result += tuple(x.gpu() if self._on_gpu else x for x in rest[-extra:])
             return result
 
         pipe = graph()
