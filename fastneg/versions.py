@@ -20,9 +20,12 @@ FLOOR = {
     "torchvision": ("0.26", "the torchvision of torch 2.11"),
     "numpy": ("2.4", "the oldest numpy fastneg is tested with"),
     "numba": ("0.67", "the first numba that accepts numpy 2.5"),
-    # optional (fastneg[cuda]); checked only where installed, since `import numba.cuda` then
-    # resolves to it even for the CPU kernels' module-level imports
-    "numba-cuda": ("0.30.4", "older releases fail to import with numba >= 0.66"),
+}
+# Needed by the CUDA kernels only (fastneg[cuda]), which import numba.cuda when first compiled:
+# checked where a GPU run starts (fastneg.gpu.refuse_cpu_fallback), so that a CPU-only user with
+# an old numba-cuda keeps a working package.
+CUDA_FLOOR = {
+    "numba-cuda": ("0.30.4", "older releases fail to import numba.cuda with numba >= 0.66"),
 }
 
 
@@ -44,28 +47,36 @@ def _release(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def problems(installed: dict[str, str | None] | None = None) -> list[str]:
+def problems(installed: dict[str, str | None] | None = None, floors: dict | None = None
+             ) -> list[str]:
     """One line per package below its floor, e.g. 'fastneg needs torch >= 2.11 (found 2.10.0;
     the oldest torch fastneg is tested with)'. `installed` maps distribution name to version
-    (None: not installed); by default it is read from the environment. A package that is not
-    installed is no problem here: the import that needs it reports it."""
+    (None: not installed); by default it is read from the environment. `floors`: FLOOR unless
+    given (CUDA_FLOOR for the CUDA stack). A package that is not installed is no problem here:
+    the import that needs it reports it."""
+    floors = FLOOR if floors is None else floors
     if installed is None:
         installed = {}
-        for name in FLOOR:
+        for name in floors:
             try:
                 installed[name] = importlib.metadata.version(name)
             except importlib.metadata.PackageNotFoundError:
                 installed[name] = None
     found = []
-    for name, (floor, why) in FLOOR.items():
+    for name, (floor, why) in floors.items():
         version = installed.get(name)
         if version is not None and _release(version) < _release(floor):
             found.append(f"fastneg needs {name} >= {floor} (found {version}; {why})")
     return found
 
 
+def cuda_problems(installed: dict[str, str | None] | None = None) -> list[str]:
+    """problems() of the CUDA stack (CUDA_FLOOR)."""
+    return problems(installed, CUDA_FLOOR)
+
+
 def check(installed: dict[str, str | None] | None = None) -> None:
-    """Raise ImportError with one line naming every package below its floor."""
+    """Raise ImportError with one line naming every package below its floor (FLOOR)."""
     found = problems(installed)
     if found:
         raise ImportError("; ".join(found))

@@ -19,16 +19,22 @@ FLOOR_SET = {"torch": "2.11.0+cu130", "torchvision": "0.26.0", "numpy": "2.4.0",
 def test_the_floor_itself_and_newer_releases_pass():
     assert versions.problems(FLOOR_SET) == []
     assert versions.problems({**FLOOR_SET, "torch": "2.14.1", "numpy": "2.5.5"}) == []
-    assert versions.problems({**FLOOR_SET, "numba-cuda": None}) == []    # optional: absent is fine
+    assert versions.cuda_problems(FLOOR_SET) == []
+    assert versions.cuda_problems({**FLOOR_SET, "numba-cuda": None}) == []   # optional: absent is fine
 
 
 @pytest.mark.parametrize("name, old", [("torch", "2.10.0+cu128"), ("torchvision", "0.25.0"),
                                        ("numpy", "2.3.5"), ("numba", "0.66.0"),
                                        ("numba-cuda", "0.30.0"), ("numba-cuda", "0.29.9")])
 def test_each_package_below_its_floor_is_named_with_the_version_needed(name, old):
-    found = versions.problems({**FLOOR_SET, name: old})
-    floor = versions.FLOOR[name][0]
-    assert found == [f"fastneg needs {name} >= {floor} (found {old}; {versions.FLOOR[name][1]})"]
+    floors = {**versions.FLOOR, **versions.CUDA_FLOOR}
+    floor, why = floors[name]
+    expected = [f"fastneg needs {name} >= {floor} (found {old}; {why})"]
+    if name in versions.CUDA_FLOOR:      # checked where a GPU run starts, not at import
+        assert versions.cuda_problems({**FLOOR_SET, name: old}) == expected
+        assert versions.problems({**FLOOR_SET, name: old}) == []
+        return
+    assert versions.problems({**FLOOR_SET, name: old}) == expected
     with pytest.raises(ImportError) as e:
         versions.check({**FLOOR_SET, name: old})
     assert "\n" not in str(e.value) and f"{name} >= {floor}" in str(e.value)
@@ -45,7 +51,7 @@ def test_the_floor_is_pyprojects_lower_bound():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["cuda"]]
     lower = {r.name: Version(s.version) for r in reqs for s in r.specifier if s.operator == ">="}
-    for name, (floor, _) in versions.FLOOR.items():
+    for name, (floor, _) in {**versions.FLOOR, **versions.CUDA_FLOOR}.items():
         assert lower[name] == Version(floor), (name, str(lower[name]), floor)
 
 
