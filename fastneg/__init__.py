@@ -11,3 +11,9 @@ before torch. A value set by the user wins.
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from fastneg.versions import check as _check_versions  # noqa: E402
+
+# Below the supported floor (fastneg.versions.FLOOR) fail here, in one line naming the package
+# and the version needed, rather than later from inside torch or numba.
+_check_versions()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fastneg import versions
+
 # The NVIDIA kernel driver publishes itself here on Linux (a kernel interface, on every machine).
 NVIDIA_DRIVER_DIR = Path("/proc/driver/nvidia")
 
@@ -37,9 +39,15 @@ def refuse_cpu_fallback(requested: str | None, preset: str | None = None) -> Non
     run was meant: no usable GPU and either a `paper-*` preset or a loaded NVIDIA driver that
     torch cannot use. requested: the --device flag as given (None when not given); "cpu" always
     passes, and so does any run while torch can use a GPU. Plain CPU runs (no preset, no NVIDIA
-    driver) pass.
+    driver) pass. A usable GPU with a numba-cuda below fastneg.versions.CUDA_FLOOR is refused
+    too, naming the version needed.
     """
-    if requested == "cpu" or torch.cuda.is_available():
+    if requested == "cpu":
+        return
+    if torch.cuda.is_available():
+        too_old = versions.cuda_problems()     # the CUDA kernels would fail on first compile
+        if too_old:
+            raise ValueError("; ".join(too_old) + " (or pass --device cpu)")
         return
     driver = nvidia_driver_version()
     if driver is not None:

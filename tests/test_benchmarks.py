@@ -42,6 +42,7 @@ def _torch_loader_available() -> bool:
 
 @pytest.mark.slow
 def test_throughput_smoke_reports_every_requested_row(tiny_data, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (fastneg[eval])")
     out, plot = tmp_path / "rows.json", tmp_path / "rows.png"
     # Few rows: each is a fresh process that compiles its kernels (~10 s on 2 cores).
     loaders, negatives = ["torch"], ["patch", "texture"]

@@ -1,4 +1,5 @@
 """fastneg.eval: probe, kNN, shape bias, corruption cache, suite on a tiny dataset."""
+import importlib.util
 import json
 import math
 import shutil
@@ -13,6 +14,9 @@ from fastneg.eval.corrupt import corrupt_image, corrupt_split
 from fastneg.eval.suite import find_splits, parse_ood
 
 CLASSES = 10
+# the corruptions come from corrupt-tta, an optional dependency (fastneg[eval])
+needs_corrupt_tta = pytest.mark.skipif(importlib.util.find_spec("corrupt_tta") is None,
+                                       reason="needs corrupt-tta (fastneg[eval])")
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +98,7 @@ def test_shape_bias_matches_hand_count():
 
 # ---------------------------------------------------------------- corruptions
 
+@needs_corrupt_tta
 def test_corruption_cache_is_deterministic_and_reused(shapes, tmp_path):
     kw = dict(corruptions=("gaussian_noise", "fog"), severities=(1, 5), seed=3)
     state = np.random.get_state()
@@ -113,6 +118,7 @@ def test_corruption_cache_is_deterministic_and_reused(shapes, tmp_path):
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in noisy)
 
 
+@needs_corrupt_tta
 def test_corruption_severity_increases_damage():
     img = np.full((32, 32, 3), 128, np.uint8)
     img[8:24, 8:24] = 250
@@ -121,6 +127,7 @@ def test_corruption_severity_increases_damage():
     assert err[1] > err[0] > 0
 
 
+@needs_corrupt_tta
 def test_unknown_corruption_is_named(shapes, tmp_path):
     with pytest.raises(ValueError, match="no_such_blur"):
         corrupt_split(shapes / "val", tmp_path / "x", corruptions=("no_such_blur",))
@@ -130,6 +137,7 @@ def test_unknown_corruption_is_named(shapes, tmp_path):
 
 # ---------------------------------------------------------------- the suite
 
+@needs_corrupt_tta
 def test_suite_reports_every_split_and_caches_features(shapes, tmp_path):
     ood = tmp_path / "sketch"
     shutil.copytree(shapes / "outline" / "star", ood / "star")      # a one-class OOD folder
@@ -155,6 +163,7 @@ def test_suite_reports_every_split_and_caches_features(shapes, tmp_path):
     assert evaluate_backbone(other, shapes, ood={"sketch": ood}, **kw) == r
 
 
+@needs_corrupt_tta
 def test_suite_errors_name_the_problem(shapes, tmp_path):
     with pytest.raises(FileNotFoundError, match="train"):
         find_splits(tmp_path)
@@ -171,6 +180,7 @@ def test_suite_errors_name_the_problem(shapes, tmp_path):
 
 # ---------------------------------------------------------------- `fastneg eval` end to end
 
+@needs_corrupt_tta
 def test_fastneg_eval_on_a_trainer_checkpoint(shapes, tmp_path, capsys):
     from fastneg.cli import main
     from fastneg.moco import build_model
@@ -197,3 +207,13 @@ def test_fastneg_eval_on_a_trainer_checkpoint(shapes, tmp_path, capsys):
     assert "missing.pt" in capsys.readouterr().err
     assert main(["eval", str(ckpt), "--data", str(shapes), "--severities", "x"]) == 2
     assert "--severities" in capsys.readouterr().err
+
+
+def test_corruptions_without_corrupt_tta_are_refused_in_one_line(monkeypatch):
+    import sys
+    from fastneg.eval.corrupt import check_corruptions
+    monkeypatch.setitem(sys.modules, "corrupt_tta", None)     # import corrupt_tta -> ImportError
+    with pytest.raises(ValueError, match=r"needs corrupt-tta \(pip install 'fastneg\[eval\]'"):
+        check_corruptions(("fog",), (1,))
+    with pytest.raises(ValueError, match="--corruptions none"):
+        corrupt_image(np.zeros((8, 8, 3), np.uint8), "fog", 1, seed=0)

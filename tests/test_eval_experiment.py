@@ -63,6 +63,7 @@ def test_summary_means_spreads_and_paired_differences():
 
 
 def test_tables_and_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (fastneg[eval])")
     results = fake_results()
     md = sb.markdown(sb.summarize(results), sb.Setup(), wall_s=600.0)
     assert "| MoCo-v2 | 0.650 ± 0.071 |" in md and "+0.150 ± 0.071" in md

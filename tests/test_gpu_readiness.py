@@ -396,3 +396,15 @@ def test_ffcv_loading_thread_stays_on_the_consumers_gpu(monkeypatch):
         thread.start()
         thread.join()
     assert seen == [torch.device("cuda", 3), "unset"] and it.error is None
+
+
+def test_a_usable_gpu_with_a_numba_cuda_below_the_floor_is_refused(no_gpu, monkeypatch):
+    from fastneg import versions
+    from fastneg.gpu import refuse_cpu_fallback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(versions, "cuda_problems", lambda: versions.problems(
+        {"numba-cuda": "0.30.0"}, versions.CUDA_FLOOR))
+    with pytest.raises(ValueError) as e:
+        refuse_cpu_fallback(None, "paper-in100")
+    assert "numba-cuda >= 0.30.4 (found 0.30.0" in str(e.value) and "\n" not in str(e.value)
+    refuse_cpu_fallback("cpu", "paper-in100")      # a CPU run does not need numba-cuda

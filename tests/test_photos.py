@@ -9,6 +9,7 @@ from fastneg.data import photos
 
 
 def test_photos_are_imagenet_sized_jpegs_made_deterministically(tmp_path):
+    pytest.importorskip("skimage", reason="the photos come from scikit-image (fastneg[eval])")
     a = photos.make_photos(tmp_path / "a", images_per_class=2, seed=3)
     b = photos.make_photos(tmp_path / "b", images_per_class=2, seed=3)
     files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))

@@ -26,6 +26,7 @@ def test_differences_are_paired_by_seed_not_by_position():
 
 
 def test_tables_and_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plots need matplotlib (fastneg[eval])")
     results = fake_results()
     summary = ex.summarize(results)
     text = ex.markdown(summary, ex.Setup(), wall_s=60.0)

@@ -7,6 +7,7 @@ real thing needs privileges (a full or read-only disk: the writer is monkeypatch
 """
 import csv
 import errno
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -104,6 +105,7 @@ def test_bomb_and_fifo_never_reach_a_decoder(folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ffcv") is None, reason="needs ffcv (fastneg[ffcv])")
 def test_convert_skips_fifo_and_bomb_and_keeps_non_utf8_names(folder, tmp_path):
     """fastneg convert: without --skip-bad a one-line refusal; with it, no hang, the bad files
     listed, and a non-UTF-8 file name stored so that its bytes come back."""
@@ -180,6 +182,8 @@ def test_eval_with_train_only_says_so(tmp_path):
         evaluate_backbone(None, tmp_path, size=16, corruptions=())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("corrupt_tta") is None,
+                    reason="needs corrupt-tta (fastneg[eval])")
 def test_eval_read_only_corruption_cache_is_one_line(tmp_path, monkeypatch):
     from fastneg.eval import suite
     for split in ("train", "val"):

@@ -29,10 +29,20 @@ DEFAULT_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "motion_blur", "fog", "
 SEVERITIES = (1, 2, 3, 4, 5)
 
 
+def _corrupt_tta():
+    """The corrupt-tta module, an optional dependency (fastneg[eval]) imported on use; ValueError
+    (one line) where it is not installed."""
+    try:
+        import corrupt_tta
+    except ImportError:
+        raise ValueError("the corruption evaluation needs corrupt-tta "
+                         "(pip install 'fastneg[eval]', or pass --corruptions none)") from None
+    return corrupt_tta
+
+
 def corruption_names() -> tuple[str, ...]:
     """Every corruption corrupt-tta provides, in its own (stable) order."""
-    import corrupt_tta   # optional dependency (fastneg[eval]): imported on use
-    return tuple(f.__name__ for f in corrupt_tta.corruption_tuple)
+    return tuple(f.__name__ for f in _corrupt_tta().corruption_tuple)
 
 
 def check_corruptions(names, severities) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -50,7 +60,7 @@ def check_corruptions(names, severities) -> tuple[tuple[str, ...], tuple[int, ..
 
 def corrupt_image(img: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     """uint8 [H, W, 3]: `img` corrupted by `name` at `severity`, NumPy's global state untouched."""
-    import corrupt_tta
+    corrupt_tta = _corrupt_tta()
     state = np.random.get_state()
     try:
         np.random.seed(seed)
@@ -75,7 +85,7 @@ def _corrupt_one(job):
 
 def cache_key(listing: str, names, severities, seed) -> str:
     """What the cache depends on: the split's listing fingerprint, the corruptions, the seed."""
-    import corrupt_tta
+    corrupt_tta = _corrupt_tta()
     text = json.dumps([listing, list(names), list(severities), seed, corrupt_tta.__version__])
     return hashlib.sha256(text.encode()).hexdigest()
 
