@@ -64,7 +64,11 @@ def env(args) -> int:
     else:
         info["problems"].append(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
                                 f"usable GPU (NVIDIA driver: {info['driver'] or 'none loaded'})")
-    info["nvvm"] = _nvvm_compiles(info["problems"]) if info["packages"]["numba.cuda"] else False
+    from fastneg.versions import cuda_problems
+    too_old = cuda_problems()       # numba-cuda < 0.30.4 fails on any kernel with numba >= 0.66
+    info["problems"] += [f"{p} (the kernel stages are skipped)" for p in too_old]
+    info["nvvm"] = (not too_old and info["packages"]["numba.cuda"]
+                    and _nvvm_compiles(info["problems"]))
     if info["gpu"] and info["packages"]["numba.cuda"]:
         try:
             from numba import cuda
@@ -275,10 +279,12 @@ def trainer(args) -> int:
 # ---------------------------------------------------------------- summary
 
 def _load(path):
+    """A stage's JSON, or None when the stage did not run or was skipped."""
     try:
-        return json.loads(Path(path).read_text())
+        found = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+    return None if found.get("status") == "skipped" else found
 
 
 def _cuda_tests(out: Path):

@@ -111,6 +111,9 @@ run_stage() {   # run_stage NAME LIMIT_SECONDS NEEDS COMMAND...   (NEEDS: comma 
   done
   if [ -n "$missing" ]; then
     echo "== $name: skipped (missing:$missing)"
+    # every stage leaves its JSON, a skipped one saying why
+    printf '{"stage": "%s", "status": "skipped", "reason": "missing:%s"}\n' "$name" "$missing" \
+      > "$OUT/$name.json"
     record "$name" skipped - 0 "$limit" "missing:$missing"
     return
   fi

@@ -72,6 +72,8 @@ def test_script_runs_to_the_end_without_optional_packages_or_gpu(tmp_path):
     assert "pytest" in stages["cuda_tests"]["note"]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["value"] for r in summary["report"]] == [gpu_check.NOT_MEASURED] * 7
+    for name in list(stages)[1:]:    # every stage's JSON is written, a skipped one with why
+        assert json.loads((out / f"{name}.json").read_text())["status"] == "skipped", name
     assert "| trainer (--loader torch" in done.stdout          # the README table, printed last
     assert (out / "gpu_check.log").read_text().count("skipped") >= 7
     # the stages' limits leave a minute of the 8 for start-up and the summaries
@@ -105,6 +107,16 @@ def test_env_compiles_a_kernel_and_names_the_fix_when_nvvm_is_missing(tmp_path, 
     info = json.loads((tmp_path / "b" / "env.json").read_text())
     assert info["nvvm"] is False and "HAS_nvvm=0" in (tmp_path / "b" / "env.sh").read_text()
     assert any("CUDA_HOME" in p and "libNVVM cannot be found" in p for p in info["problems"])
+
+
+def test_env_skips_the_kernel_stages_below_numba_cudas_floor(tmp_path, monkeypatch):
+    import fastneg.versions
+    monkeypatch.setattr(fastneg.versions, "cuda_problems",
+                        lambda: ["numba-cuda 0.30.2 is installed; fastneg needs >= 0.30.4"])
+    assert gpu_check.main(["env", "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "env.json").read_text())
+    assert info["nvvm"] is False and "HAS_nvvm=0" in (tmp_path / "env.sh").read_text()
+    assert any("0.30.4" in p and "skipped" in p for p in info["problems"])
 
 
 def test_readme_command_writes_the_table_between_its_markers_only(tmp_path):
