@@ -230,3 +230,47 @@ def test_chunked_knn_checks_its_inputs():
     with pytest.raises(ValueError, match="chunks"):
         knn_predict_chunked(torch.zeros(4, 2), torch.zeros(4), torch.zeros(3, 2),
                             num_classes=2, bank_chunk=0)
+
+
+# ---------------------------------------------------------------- benchmarks/probe.py
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe.py"
+    spec = importlib.util.spec_from_file_location("bench_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_benchmark_reports_every_phase_and_extrapolates(tmp_path, one_thread):
+    out = tmp_path / "r.json"
+    argv = ["--n", "600", "--dim", "16", "--classes", "6", "--queries", "120",
+            "--separation", "1.0", "--epochs", "2", "--baseline-n", "300",
+            "--baseline-iter", "20", "--target", "6000", "--json", str(out)]
+    assert _bench().main(argv) == 0
+    r = json.loads(out.read_text())
+    phases = {p["phase"]: p for p in r["phases"]}
+    assert set(phases) == {"write", "stats", "probe", "predict", "knn", "baseline-lbfgs",
+                           "baseline-sgd"}
+    assert all(p["peak_rss_mb"] > 0 and p["peak_anon_mb"] > 0 for p in phases.values())
+    for key in ("probe_top1", "knn_top1", "baseline_lbfgs_top1", "baseline_sgd_top1"):
+        assert 1 / 6 + 0.1 < r[key] <= 1.0, key        # separable data: well above chance
+    ex = r["extrapolated"]
+    assert ex["knn_s"] == pytest.approx(phases["knn"]["seconds"] * 10, abs=0.1)
+    assert ex["probe_s_per_epoch"] == pytest.approx(ex["probe_s"] / 2, abs=0.1)
+
+
+def test_probe_benchmark_refuses_bad_flags_and_foreign_folders(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--n", "0"]) == 2
+    assert "--n" in capsys.readouterr().err
+    assert bench.main(["--n", "10", "--baseline-n", "20"]) == 2
+    assert "--baseline-n" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "photo.jpg").write_bytes(b"precious")
+    assert bench.main(["--n", "10", "--baseline-n", "0", "--out", str(mine)]) == 2
+    assert "not written by this benchmark" in capsys.readouterr().err
+    assert (mine / "train" / "photo.jpg").read_bytes() == b"precious"

@@ -33,7 +33,7 @@ SHARD_BYTES = 128 << 20          # float16 bytes per shard: 32,768 rows of 2,048
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-@dataclass
+@dataclass(eq=False)
 class FeatureShards:
     """Rows [0, n) of an [n, dim] feature matrix held as consecutive shards (memory maps of a
     shard folder, or in-memory arrays). Row order is the order of the shards."""
