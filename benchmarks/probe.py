@@ -12,7 +12,8 @@ generator), written in blocks as the float16 shard cache of fastneg.eval.shards 
 Phases (wall time; memory of this process sampled every 20 ms from /proc/self/status):
 - write: generating and writing the shards (the analogue of feature extraction's writes);
 - stats: one streaming pass for the standardization statistics (also inside the probe);
-- probe: fastneg.eval.linear.train_linear_probe_sgd, `--epochs` epochs on `--device`;
+- probe: fastneg.eval.linear.train_linear_probe_sgd, `--epochs` epochs on `--device` (its
+  own statistics pass included);
 - predict: the probe on the queries; knn: knn_predict_chunked of the queries on the bank;
 - baseline: today's full-batch L-BFGS (train_linear_probe) on the first `--baseline-n` rows
   held in memory as float32 (`--baseline-iter` iterations; 300 is its default), then the
@@ -152,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=1000, help="classes (default 1000)")
     p.add_argument("--queries", type=int, default=10_000,
                    help="query rows scored by the probe and kNN (default 10000)")
-    p.add_argument("--separation", type=float, default=0.25,
-                   help="scale of the class centres against unit noise (default 0.25)")
+    p.add_argument("--separation", type=float, default=0.15,
+                   help="scale of the class centres against unit noise (default 0.15: at "
+                        "2048 features neither the probe nor kNN is near 0 or 1)")
     p.add_argument("--device", default="cpu", help="torch device of probe and kNN (default cpu)")
     p.add_argument("--epochs", type=int, default=None,
                    help="mini-batch probe epochs (default: the probe's default for --n, "

@@ -125,7 +125,9 @@ def feature_stats(features, *, device="cpu", rows: int = 8192
     floored at 1e-6 so constant features stay finite."""
     src = as_shards(features)
     device = torch.device(device)
-    count, mean, m2 = 0, torch.zeros(src.dim, dtype=torch.float64, device=device),         torch.zeros(src.dim, dtype=torch.float64, device=device)
+    count = 0
+    mean = torch.zeros(src.dim, dtype=torch.float64, device=device)
+    m2 = torch.zeros(src.dim, dtype=torch.float64, device=device)
     for _, block in src.blocks(rows):
         x = torch.from_numpy(block).to(device, torch.float64)
         k = len(x)
