@@ -154,9 +154,9 @@ def test_suite_reports_every_split_and_caches_features(shapes, tmp_path):
     assert r["images"]["sketch"] == len(list((shapes / "outline" / "star").iterdir()))
     json.dumps(r)                                                     # JSON-ready
 
-    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.pt"))
-    assert cached == sorted(["train.pt", "val.pt", "conflict.pt", "outline.pt", "sketch.pt",
-                             "corrupt-contrast-1.pt", "corrupt-contrast-3.pt"])
+    cached = sorted(p.parent.name for p in (tmp_path / "cache").glob("*/manifest.json"))
+    assert cached == sorted(["train", "val", "conflict", "outline", "sketch",
+                             "corrupt-contrast-1", "corrupt-contrast-3"])
     # A different backbone under the same identity reads the cache: identical results.
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(2),
                                 torch.nn.Flatten())
@@ -201,7 +201,7 @@ def test_fastneg_eval_on_a_trainer_checkpoint(shapes, tmp_path, capsys):
     assert set(r["linear"]) == set(r["knn"]) == {"val", "conflict", "outline", "corrupt"}
     assert r["checkpoint"] == str(ckpt) and r["args"]["arch"] == "resnet10s"
     assert "shape_bias" in r and "shape bias" in capsys.readouterr().out
-    assert (ckpt.parent / "eval-cache" / "last" / "train.pt").exists()
+    assert (ckpt.parent / "eval-cache" / "last" / "train" / "manifest.json").exists()
 
     assert main(["eval", str(tmp_path / "missing.pt"), "--data", str(shapes)]) == 2
     assert "missing.pt" in capsys.readouterr().err

@@ -5,10 +5,10 @@
     evaluate_checkpoint("runs/moco/last.pt", "data/shapes")          # what `fastneg eval` prints
     evaluate_checkpoint(ckpt, "imagenet100", ood_root="ood")        # + the paper's OOD table
 """
-from fastneg.eval.knn import knn_predict
-from fastneg.eval.linear import LinearProbe, train_linear_probe
+from fastneg.eval.knn import knn_predict, knn_predict_chunked
+from fastneg.eval.linear import LinearProbe, fit_linear_probe, train_linear_probe
 from fastneg.eval.metrics import shape_bias, top1
 from fastneg.eval.suite import evaluate_backbone, evaluate_checkpoint
 
-__all__ = ["shape_bias", "top1", "knn_predict", "LinearProbe", "train_linear_probe",
-           "evaluate_backbone", "evaluate_checkpoint"]
+__all__ = ["shape_bias", "top1", "knn_predict", "knn_predict_chunked", "LinearProbe",
+           "fit_linear_probe", "train_linear_probe", "evaluate_backbone", "evaluate_checkpoint"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastneg.data.imagefolder import ImageList
 from fastneg.eval.features import normalize
 from fastneg.eval.linear import train_linear_probe
+from fastneg.eval.shards import as_tensor
 from fastneg.kernels import patch_negatives
 from fastneg.loaders import build_loader
 
@@ -103,9 +104,13 @@ def _cv_readout(train_f, train_y, test_f, test_y, weight_decays, folds, seed, ma
 
 
 def readouts(train: ImageList, train_f, test: ImageList, test_f, **kwargs) -> dict:
-    """{factor: cv_readout(...)} for every factor both splits' metadata.csv carry."""
+    """{factor: cv_readout(...)} for every factor both splits' metadata.csv carry (features:
+    tensors or FeatureShards, loaded whole only when there is a factor to read out)."""
     a, b = factor_targets(train), factor_targets(test)
-    return {f: cv_readout(train_f, a[f], test_f, b[f], **kwargs) for f in a if f in b}
+    factors = [f for f in a if f in b]
+    if factors:
+        train_f, test_f = as_tensor(train_f), as_tensor(test_f)
+    return {f: cv_readout(train_f, a[f], test_f, b[f], **kwargs) for f in factors}
 
 
 def scramble_patch_range(train_range, size: int) -> tuple[int, int]:

@@ -25,9 +25,9 @@ from fastneg.data.files import available_cpus, check_files, require_readable
 from fastneg.data.imagefolder import ImageList, scan_image_folder
 from fastneg.eval.corrupt import (DEFAULT_CORRUPTIONS, SEVERITIES, check_corruptions,
                                   corrupt_split)
-from fastneg.eval.features import cached_features, extract_features, file_digest
-from fastneg.eval.knn import knn_predict
-from fastneg.eval.linear import train_linear_probe
+from fastneg.eval.features import cached_feature_shards, extract_features, file_digest
+from fastneg.eval.knn import knn_predict_chunked
+from fastneg.eval.linear import fit_linear_probe
 from fastneg.eval.metrics import shape_bias, top1
 from fastneg.eval.readout import readouts, scramble_patch_range, scramble_similarity
 
@@ -143,17 +143,18 @@ def evaluate_backbone(backbone: torch.nn.Module, data_root, *, size: int, ood=No
             return extract_features(backbone, images, size=size, batch_size=batch_size,
                                     device=device)
         key = hashlib.sha256(f"{identity}|{images.fingerprint()}|{size}".encode()).hexdigest()
-        return cached_features(backbone, images, size=size, key=key, batch_size=batch_size,
-                               device=device, cache_file=Path(cache_dir) / f"{tag}.pt")
+        return cached_feature_shards(backbone, images, size=size, key=key,
+                                     batch_size=batch_size, device=device,
+                                     folder=Path(cache_dir) / tag)
 
     train_y = torch.from_numpy(train.labels)
     train_f = features(train, "train")
-    probe = train_linear_probe(train_f, train_y, num_classes=n_cls)
+    probe = fit_linear_probe(train_f, train_y, num_classes=n_cls, device=device)
 
     def predict(feats):
         return {"linear": probe.predict(feats).numpy(),
-                "knn": knn_predict(train_f, train_y, feats, num_classes=n_cls, k=k,
-                                   temperature=temperature).numpy()}
+                "knn": knn_predict_chunked(train_f, train_y, feats, num_classes=n_cls, k=k,
+                                           temperature=temperature, device=device).numpy()}
 
     result = {"data": str(root), "size": size, "train_images": len(train),
               "linear": {}, "knn": {}, "images": {}}
