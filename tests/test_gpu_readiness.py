@@ -408,3 +408,12 @@ def test_a_usable_gpu_with_a_numba_cuda_below_the_floor_is_refused(no_gpu, monke
         refuse_cpu_fallback(None, "paper-in100")
     assert "numba-cuda >= 0.30.4 (found 0.30.0" in str(e.value) and "\n" not in str(e.value)
     refuse_cpu_fallback("cpu", "paper-in100")      # a CPU run does not need numba-cuda
+
+
+def test_the_dali_extra_is_built_for_torchs_cuda_major():
+    # torch's wheels are CUDA 13; DALI's cuda120 build stays an extra of its own (dali-cuda120)
+    dali = {r.name for r in _extra("dali")}
+    assert "nvidia-dali-cuda130" in dali and not any("cuda12" in name for name in dali)
+    assert {r.name for r in _extra("dali-cuda120")} >= {"nvidia-dali-cuda120"}
+    if torch.version.cuda is not None:
+        assert torch.version.cuda.split(".")[0] == "13"
