@@ -12,7 +12,8 @@ def register(sub) -> None:
     e = sub.add_parser(
         "eval", help="evaluate a checkpoint: linear probe, kNN, corruptions, shape bias",
         description="Frozen-backbone evaluation of a trainer checkpoint. A linear probe "
-                    "(L-BFGS on cached features) and a kNN classifier are fitted on ROOT/train "
+                    "(on cached float16 feature shards: L-BFGS for small sets, mini-batch on --device for "
+                    "large ones) and a kNN classifier are fitted on ROOT/train "
                     "and scored on every other ImageFolder under ROOT, on ImageNet-C style "
                     "corruptions of ROOT/val (split 'corrupt': the mean) and on --ood folders; "
                     "the shape bias comes from ROOT/conflict/metadata.csv when present. "
