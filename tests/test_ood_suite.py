@@ -305,6 +305,7 @@ def test_fastneg_eval_suite_paper_end_to_end(tmp_path, capsys):
     assert paper["cue-conflict"]["categories_scored"] == ["car", "cat", "dog"]
     for column in ("IN-C", "Sketch", "IN-R"):
         assert 0.0 <= paper["table"][column] <= 1.0
-    cached = {p.name for p in (ckpt.parent / "eval-cache" / "last").glob("ood-*.pt")}
-    assert cached == {"ood-imagenet-c-fog-3.pt", "ood-sketch.pt", "ood-imagenet-r.pt",
-                      "ood-cue-conflict.pt"}
+    cached = {p.name for p in (ckpt.parent / "eval-cache" / "last").glob("ood-*")
+              if (p / "manifest.json").exists()}      # float16 shard caches (docs/probe.md)
+    assert cached == {"ood-imagenet-c-fog-3", "ood-sketch", "ood-imagenet-r",
+                      "ood-cue-conflict"}

@@ -44,7 +44,12 @@ class LinearProbe:
     bias: torch.Tensor     # [C]
     method: str = "lbfgs"  # the solver that fitted it
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features) -> torch.Tensor:
+        """float32 [N, C] logits of a [N, F] tensor or FeatureShards (read in blocks)."""
+        if isinstance(features, FeatureShards):
+            parts = [self.logits(torch.from_numpy(block))
+                     for _, block in features.blocks(PREDICT_ROWS)]
+            return torch.cat(parts) if parts else torch.zeros(0, len(self.bias))
         z = (features.float() - self.mean) / self.std
         return z @ self.weight.T + self.bias
 
