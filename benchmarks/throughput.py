@@ -693,7 +693,7 @@ def default_data(synthetic: bool = False) -> Path:
         from fastneg.data.photos import DEFAULT_IMAGES_PER_CLASS as PER_CLASS
         from fastneg.data.photos import PHOTOS, make_photos
         train = DEFAULT_DATA / "train"
-        # written whole or not at all (fastneg.data.staging); a set of another size (an older
+        # written whole or not at all (fastneg.fs); a set of another size (an older
         # default) is made again
         if not train.is_dir() or sum(1 for _ in train.rglob("*.jpg")) != len(PHOTOS) * PER_CLASS:
             print(f"generating the benchmark photos in {DEFAULT_DATA} (once), like: fastneg "

@@ -2,24 +2,23 @@
 
 The trainer (train/moco.py) calls these at a few points:
 
-    lock = hold_lock(out / LOCK_FILE, f"run directory {out}")   # rank 0, for the whole run
+    lock = fs.hold_lock(out / LOCK_FILE, f"run directory {out}")   # rank 0, the whole run
     refuse_existing_run(out, resuming)       # a new run never overwrites a run's checkpoints
-    clean_stale_tmp(out)                     # .checkpoint*.pt.tmp-PID files of dead processes
+    fs.remove_stale_temporaries(out)         # .checkpoint*.pt.tmp-PID files of dead processes
     path, ckpt, note = resume_checkpoint(arg)   # RUN_DIR -> checkpoint.pt or newest epoch
     cut_log(out / "log.csv", step)           # on resume: no step is logged twice
-    save_atomic(state, path)                 # tmp + rename; a full disk is one clear error
+    save_atomic(state, path)                 # fs.atomic_file; a full disk is one clear error
     restore(model, optimizer, scaler, ckpt, path)   # weights that do not fit: one clear error
     stop = StopRequest(); stop.install()     # SIGTERM/SIGHUP or the torchrun agent gone:
     if stop.requested(): ...                 # the loop writes a checkpoint and exits
 
 Every user-facing failure is a RunDirError (a ValueError: the trainer prints it on one line).
-The lock (an flock on a file holding the holder's PID) is also the texture bank's.
+This module holds run policy only; atomic writes and the lock are fastneg.fs's.
 """
 from __future__ import annotations
 
 import csv
 import errno
-import fcntl
 import os
 import re
 import shutil
@@ -28,68 +27,15 @@ import sys
 from pathlib import Path
 
 from fastneg.data.files import UnreadableFiles  # noqa: F401  (the trainer catches it from here)
+from fastneg.fs import atomic_file
 
 LOCK_FILE = ".lock"
 CHECKPOINT = "checkpoint.pt"
 EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch(\d+)\.pt")
-TMP_FILE = re.compile(r"\..+\.tmp-(\d+)")
 
 
 class RunDirError(ValueError):
     """A run directory problem the user can fix; the message names the file."""
-
-
-# ---------------------------------------------------------------- lock
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists (a zombie counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True           # exists, owned by someone else
-    return True
-
-
-def hold_lock(path, what: str):
-    """Lock `path` (created if absent) for this process and write our PID in it; returns the
-    open file, which holds the lock until it is closed or the process ends.
-
-    A lock held by a live process raises FileExistsError naming its PID. A lock whose recorded
-    holder is gone but which is still held (by children that outlived it) is taken over: the
-    lock file is replaced by a new one, so the orphans hold a lock nobody looks at.
-    """
-    path = Path(path)
-    for _ in range(3):
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            text = f.read().strip()
-            f.close()
-            pid = int(text) if text.isdigit() else 0
-            if pid_alive(pid):
-                raise FileExistsError(f"{what} is in use by another process (PID {pid}); wait "
-                                      "for it to end or stop it first") from None
-            path.unlink(missing_ok=True)   # stale: its holder is gone
-            continue
-        try:
-            same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:                  # replaced between our open and our lock: try again
-            f.close()
-            continue
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        return f
-    raise FileExistsError(f"{what}: could not take its lock {path}; try again")
 
 
 # ---------------------------------------------------------------- start of a run
@@ -117,17 +63,6 @@ def refuse_existing_run(out, resuming: bool) -> None:
     if found:
         raise RunDirError(f"--out {out} already holds a run ({', '.join(found[:2])}); continue "
                           f"it with --resume {out} or choose another --out")
-
-
-def clean_stale_tmp(out) -> list[Path]:
-    """Remove the temporary checkpoint files (.NAME.tmp-PID) of processes that are gone."""
-    removed = []
-    for p in Path(out).glob(".*.tmp-*"):
-        m = TMP_FILE.fullmatch(p.name)
-        if m and not pid_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def resume_checkpoint(arg) -> tuple[Path, dict, str | None]:
@@ -172,10 +107,8 @@ def cut_log(log_csv, step: int) -> int:
     keep = [r for r in body if r and r[0].isdigit() and int(r[0]) <= step]
     if len(keep) == len(body):
         return 0
-    tmp = log_csv.with_name(f".{log_csv.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(log_csv) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows([header, *keep])
-    os.replace(tmp, log_csv)
     return len(body) - len(keep)
 
 
@@ -193,19 +126,18 @@ def _nbytes(obj) -> int:
 
 
 def save_atomic(state, path, save=None) -> None:
-    """save(state, tmp) then rename over `path`: a crash never leaves a half checkpoint, and
-    the previous one stays intact. On a write error the tmp file is removed; a full disk is
+    """save(state, tmp) inside fastneg.fs.atomic_file(path): a crash never leaves a half
+    checkpoint, and the previous one stays intact. On a write error the tmp file is removed; a
+    full disk is
     reported as "disk full while writing PATH (N MB needed)". save defaults to torch.save."""
     if save is None:
         import torch
         save = torch.save
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save(state, tmp)
     except (OSError, RuntimeError) as e:   # torch's zip writer reports ENOSPC as RuntimeError
-        tmp.unlink(missing_ok=True)
         need = _nbytes(state) / 2**20
         full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
         if not full:

@@ -13,7 +13,6 @@ import torchvision
 from PIL import Image
 
 from fastneg.data.imagefolder import scan_image_folder
-from fastneg.data.staging import atomic_file, write_bytes_atomic
 from fastneg.data.synthetic import (SHAPES, SPLITS, TEXTURES, DatasetSpec, make_dataset,
                                     read_metadata)
 
@@ -137,21 +136,6 @@ def test_write_failure_leaves_no_partial_dataset(tmp_path):
     r = _cli("make-data", "--out", str(blocker / "sub" / "data"), "--images-per-class", "1")
     assert r.returncode == 2 and "error" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
-
-
-def test_atomic_file_swaps_in_whole_files_only(tmp_path):
-    target = tmp_path / "state.bin"
-    write_bytes_atomic(target, b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_file(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("killed mid-write")
-    assert target.read_bytes() == b"old"
-    with atomic_file(target) as tmp:
-        assert tmp.parent == tmp_path and tmp != target
-        tmp.write_bytes(b"new")
-    assert target.read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]   # no temporary left
 
 
 def chi_squared_independence(a, b) -> tuple[float, int]:

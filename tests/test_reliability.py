@@ -257,37 +257,6 @@ def test_bank_index_missing_key_is_named(tmp_path):
 
 # ---------------------------------------------------------------- 3, 4, 5: the run directory
 
-def test_lock_names_a_live_holder_and_takes_over_a_stale_one(tmp_path):
-    lock = tmp_path / ".lock"
-    holder = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\n"
-              "fcntl.flock(f, fcntl.LOCK_EX)\nf.truncate(0)\nf.write(sys.argv[2])\nf.flush()\n"
-              "print('held', flush=True)\ntime.sleep(600)\n")
-    # A live holder: its PID in the error.
-    p = subprocess.Popen([sys.executable, "-c", holder, str(lock), "PID"], stdout=subprocess.PIPE,
-                         text=True)
-    try:
-        assert p.stdout.readline().strip() == "held"
-        lock.write_text(str(p.pid))          # what a holder writes
-        with pytest.raises(FileExistsError, match=f"in use by another process \\(PID {p.pid}\\)"):
-            rundir.hold_lock(lock, "run directory X")
-    finally:
-        p.kill()
-        p.wait()
-    # Held by an orphan whose recorded holder is gone (a dead PID): taken over.
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    p = subprocess.Popen([sys.executable, "-c", holder, str(lock), str(dead.pid)],
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "held"
-        f = rundir.hold_lock(lock, "run directory X")
-        assert lock.read_text().strip() == str(os.getpid())
-        f.close()
-    finally:
-        p.kill()
-        p.wait()
-
-
 def test_new_run_into_a_run_directory_is_refused(tmp_path):
     rundir.refuse_existing_run(tmp_path, resuming=False)     # empty: fine
     (tmp_path / "checkpoint_epoch002.pt").write_bytes(b"")
@@ -302,17 +271,6 @@ def test_log_is_cut_back_to_the_checkpoint(tmp_path):
     assert rundir.cut_log(log, 6) == 2
     with open(log) as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == list(range(1, 7))
-
-
-def test_stale_tmp_files_of_dead_processes_are_removed(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".checkpoint.pt.tmp-{dead.pid}"
-    mine = tmp_path / f".checkpoint.pt.tmp-{os.getpid()}"
-    stale.write_bytes(b"x")
-    mine.write_bytes(b"x")
-    assert rundir.clean_stale_tmp(tmp_path) == [stale]
-    assert mine.exists() and not stale.exists()
 
 
 @pytest.mark.parametrize("error", [
@@ -491,7 +449,7 @@ def test_trainer_run_directory_survives_kills_and_a_second_trainer(trainer, trai
         trainer.main([*common, "--max-steps", "3", "--out", str(run)])
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
                                "sys.path.insert(0, sys.argv[2])\n"
-                               "from fastneg.rundir import hold_lock\n"
+                               "from fastneg.fs import hold_lock\n"
                                "f = hold_lock(sys.argv[1], 'x')\nprint('held', flush=True)\n"
                                "time.sleep(600)\n", str(run / ".lock"), str(ROOT)],
                               stdout=subprocess.PIPE, text=True)

@@ -74,7 +74,7 @@ from fastneg.data.synthetic import ensure_dataset  # noqa: E402
 from fastneg.gpu import refuse_cpu_fallback  # noqa: E402
 from fastneg.host import keep_freed_memory  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
-from fastneg import rundir  # noqa: E402
+from fastneg import fs, rundir  # noqa: E402
 from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
 from fastneg.step import NEGATIVES, make_views_and_negatives, scaled_patch_range  # noqa: E402
 
@@ -616,7 +616,7 @@ class RunLog:
 def write_summary(out: Path, summary: dict, root: Path) -> None:
     """RUN_DIR/summary.json; on stdout the same without the args, and with --eval a table of
     what was learned beside the untrained network."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    fs.write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("args", "eval")}, indent=2,
                      default=str), flush=True)
     if "eval" in summary:
@@ -637,8 +637,8 @@ def main(argv=None):
     if procs.main:   # before any work: a writable run dir that no other training uses
         rundir.check_writable(out)
         rundir.refuse_existing_run(out, resuming=ckpt is not None)
-        run_lock = rundir.hold_lock(out / rundir.LOCK_FILE, f"run directory {out}")  # noqa: F841
-        rundir.clean_stale_tmp(out)
+        run_lock = fs.hold_lock(out / rundir.LOCK_FILE, f"run directory {out}")  # noqa: F841
+        fs.remove_stale_temporaries(out)
 
     root = dataset_root(args, procs)
     loader = build_training_loader(args, procs, loader_source(args, procs, root))

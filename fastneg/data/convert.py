@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastneg.data.staging import check_writable as _check_writable
-from fastneg.data.staging import swap_in, temporary_sibling
+from fastneg.fs import check_writable as _check_writable
+from fastneg.fs import swap_in, temporary_sibling, write_text_atomic
 
 LAYOUT = "fastneg-beton"
 LAYOUT_VERSION = 1
@@ -164,7 +164,7 @@ def _write(images, check, bad, out, partial, max_side, quality, workers, skip_ba
             "bad": [[i, images.files[i], bad[i]] for i in sorted(bad)]}
     if bank is not None:
         info["texture_bank"] = {"path": str(bank.path.resolve()), "size": bank.size}
-    sidecar_path(out).write_text(json.dumps(info, indent=1))
+    write_text_atomic(sidecar_path(out), json.dumps(info, indent=1))
     swap_in(partial, out)
     return info
 

@@ -21,7 +21,6 @@ that is millions of opens before step 0. The index does it once and stores the r
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ import numpy as np
 import fastneg.data.files as file_rules
 from fastneg.data.files import FileCheck, available_cpus, check_files
 from fastneg.data.imagefolder import IMG_EXTENSIONS, ImageList, scan_image_folder
+from fastneg.fs import atomic_file, wait_lock
 
 log = logging.getLogger("fastneg.data")
 
@@ -219,18 +219,6 @@ def index_locations(root) -> list[Path]:
     return [resolved / INDEX_NAME, cache_dir() / f"{resolved.name}-{tag}"]
 
 
-def _lock(index_path: Path) -> int:
-    """Wait for an exclusive flock on the index's lock file (created if needed); closing the
-    returned descriptor releases it."""
-    fd = os.open(str(index_path) + LOCK_SUFFIX, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _writable_location(root) -> Path:
     """Where to write the index of `root`: next to the data if ROOT is writable, else the user
     cache (created if needed)."""
@@ -244,7 +232,7 @@ def _writable_location(root) -> Path:
 # ----------------------------------------------------------------- file format
 
 def write_index(path: Path, index: DatasetIndex) -> None:
-    """Write `index` to `path` atomically: a temporary sibling, fsync, rename.
+    """Write `index` to `path` atomically (fastneg.fs.atomic_file).
 
     Layout: MAGIC, header length (8 bytes little-endian), a JSON header (metadata and, per array,
     dtype, shape and offset), then the arrays, each aligned to ALIGN bytes.
@@ -259,20 +247,12 @@ def write_index(path: Path, index: DatasetIndex) -> None:
     header = json.dumps({"key": index.key, "root": str(index.root), "classes": index.classes,
                          "bad": index.bad, "arrays": layout}).encode()
     start = -(-(len(MAGIC) + 8 + len(header)) // ALIGN) * ALIGN
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + len(header).to_bytes(8, "little") + header)
-            for name, a in arrays.items():
-                f.seek(start + layout[name][2])
-                f.write(np.ascontiguousarray(a).tobytes())
-            f.truncate(start + offset)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + len(header).to_bytes(8, "little") + header)
+        for name, a in arrays.items():
+            f.seek(start + layout[name][2])
+            f.write(np.ascontiguousarray(a).tobytes())
+        f.truncate(start + offset)
 
 
 def read_index(path: Path, root=None) -> DatasetIndex | None:
@@ -348,7 +328,7 @@ def load_index(root, workers: int | None = None, progress: bool = False,
             return found
     try:
         path = _writable_location(root)
-        lock = _lock(path)
+        lock = wait_lock(str(path) + LOCK_SUFFIX)
     except OSError as e:
         warnings.warn(f"cannot store the index of {root} next to it or in {cache_dir()} ({e}); "
                       "checking every file in this process", stacklevel=2)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastneg.data.staging import staged_dir
+from fastneg.fs import staged_dir
 from fastneg.data.synthetic import _check_out_dir
 from fastneg.kernels.rng import STREAM_PHOTOS, slot, uniform
 
@@ -75,7 +75,7 @@ def make_photos(out, *, images_per_class: int = DEFAULT_IMAGES_PER_CLASS, seed: 
                 force: bool = False) -> Path:
     """Write OUT/train (len(PHOTOS) classes x images_per_class JPEGs); returns OUT/train.
 
-    Built beside `out` and swapped in when whole (fastneg.data.staging); an existing non-empty
+    Built beside `out` and swapped in when whole (fastneg.fs); an existing non-empty
     `out` is replaced only with force=True.
     """
     out = Path(out)

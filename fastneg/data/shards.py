@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastneg.data.staging import check_writable, swap_in, temporary_sibling
+from fastneg.fs import check_writable, swap_in, temporary_sibling
 from fastneg.kernels import rng
 
 log = logging.getLogger("fastneg.data")

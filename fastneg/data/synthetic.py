@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from fastneg.progress import tqdm
 
 from fastneg.data.files import available_cpus
-from fastneg.data.staging import staged_dir
+from fastneg.fs import staged_dir
 from fastneg.kernels.rng import STREAM_DATA
 
 SHAPES = ("circle", "square", "triangle", "star", "cross",

@@ -19,7 +19,7 @@ from PIL import Image
 
 from fastneg.data.files import available_cpus
 from fastneg.data.imagefolder import scan_image_folder
-from fastneg.data.staging import staged_dir
+from fastneg.fs import staged_dir
 from fastneg.kernels.rng import STREAM_CORRUPT, mix, slot
 
 # A fast, representative subset of the ImageNet-C families at 32-96 px: noise, blur (2),

@@ -14,8 +14,8 @@ import torch
 
 from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastneg.data.imagefolder import ImageList
-from fastneg.data.staging import atomic_file
 from fastneg.eval.shards import SHARD_BYTES, FeatureShards, ShardWriter, open_shards
+from fastneg.fs import atomic_file
 from fastneg.loaders import build_loader
 
 

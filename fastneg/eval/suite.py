@@ -30,6 +30,7 @@ from fastneg.eval.knn import knn_predict_chunked
 from fastneg.eval.linear import fit_linear_probe
 from fastneg.eval.metrics import shape_bias, top1
 from fastneg.eval.readout import readouts, scramble_patch_range, scramble_similarity
+from fastneg.fs import write_text_atomic
 
 CORRUPT = "corrupt"   # the split name under which the corruption mean is reported
 
@@ -328,9 +329,7 @@ def untrained_reference(arch: str, size: int, cifar_stem: bool, data_root, *, sc
     result = {k: v for k, v in result.items() if k != "data"}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".partial")
-        tmp.write_text(json.dumps(result, default=str))
-        tmp.replace(cache)
+        write_text_atomic(cache, json.dumps(result, default=str))
     except OSError as e:   # a read-only dataset: the reference is just not cached
         log(f"  (could not cache the untrained reference: {e})")
     return result

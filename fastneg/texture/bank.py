@@ -58,8 +58,7 @@ from fastneg.progress import tqdm
 
 from fastneg.data.files import available_cpus, inspect_file
 from fastneg.data.imagefolder import ImageList, scan_image_folder
-from fastneg.data.staging import write_bytes_atomic
-from fastneg.rundir import hold_lock
+from fastneg.fs import hold_lock, write_bytes_atomic
 from fastneg.texture import synthesis
 
 log = logging.getLogger("fastneg.texture")
