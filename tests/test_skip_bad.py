@@ -101,3 +101,29 @@ def test_trainer_skip_bad_under_torchrun(data, tmp_path):
     from fastneg.moco import read_checkpoint
     assert int(read_checkpoint(out / "checkpoint.pt")["model"]["queue_ptr"]) == 5 * 16 % 64
     assert proc.stderr.count("epoch 0: skipped 2 unreadable file(s) on all ranks") == 1
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_moco", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainer_reports_each_skipped_file_once_per_epoch(trainer, data, tmp_path, monkeypatch,
+                                                          capsys, caplog):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    trainer.main(["--data", str(data), "--loader", "torch", "--negatives", "patch", "--skip-bad",
+                  "--epochs", "2", "--device", "cpu", "--workers", "0", "--out",
+                  str(tmp_path / "run"), "--size", "32", "--batch-size", "16", "--moco-k", "64",
+                  "--dim", "16", "--mlp-hidden", "64", "--log-every", "5"])
+    text = capsys.readouterr().err + caplog.text     # the loaders log, the trainer prints
+    reports = [line for line in text.splitlines() if "unreadable file" in line]
+    for epoch in range(2):
+        mine = [line for line in reports if f"epoch {epoch}:" in line]
+        assert len(mine) == 1, reports
+        assert "zz_truncated.jpg" in mine[0] and "zz_huffman.jpg" in mine[0]
+    assert len(reports) == 2, reports

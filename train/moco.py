@@ -74,8 +74,10 @@ from fastneg.data.synthetic import ensure_dataset  # noqa: E402
 from fastneg.gpu import refuse_cpu_fallback  # noqa: E402
 from fastneg.host import keep_freed_memory  # noqa: E402
 from fastneg.loaders import KINDS, build_loader  # noqa: E402
+from fastneg.loaders.common import describe_skipped  # noqa: E402
 from fastneg import fs, rundir  # noqa: E402
 from fastneg.moco import ARCHS, BN_MODES, build_model  # noqa: E402
+from fastneg.progress import tqdm  # noqa: E402
 from fastneg.step import NEGATIVES, make_views_and_negatives, scaled_patch_range  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -381,7 +383,8 @@ def build_training_loader(args, procs: Processes, source: Path):
                         views=2, size=args.size, scale=tuple(args.crop_scale),
                         device=str(procs.device), rank=procs.rank, world_size=procs.world,
                         seed=args.seed, workers=args.workers, drop_last=True, shuffle=True,
-                        texture_bank=loader_texture_bank(args), skip_bad=args.skip_bad)
+                        texture_bank=loader_texture_bank(args), skip_bad=args.skip_bad,
+                        report_skipped=False)   # reported per epoch for all ranks: train()
 
 
 def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
@@ -541,7 +544,6 @@ class RunLog:
 
     def __init__(self, out: Path, *, main: bool, device, batch_size: int, log_every: int,
                  total_steps: int, start_step: int, resumed: bool = False):
-        from fastneg.progress import tqdm
         self.batch_size, self.log_every, self.total_steps = batch_size, log_every, total_steps
         self.csv_file = self.csv = self.tensorboard = None
         if main:
@@ -691,14 +693,15 @@ def main(argv=None):
                 total_steps = step   # save a checkpoint (below) and end
                 break
         if args.skip_bad:   # every rank reaches this point together: one gather per epoch
-            skipped = {f for f, _ in loader.bad_files}
+            skipped = {f: why for f, why in loader.bad_files}
             if procs.distributed:
                 every = [None] * procs.world
-                dist.all_gather_object(every, sorted(skipped))
-                skipped = set().union(*every)
-            if procs.main and skipped:
-                print(f"epoch {epoch}: skipped {len(skipped)} unreadable file(s) on all ranks "
-                      "(batches kept their size)", file=sys.stderr, flush=True)
+                dist.all_gather_object(every, skipped)
+                skipped = {f: why for part in every for f, why in part.items()}
+            if procs.main and skipped:   # the one report of the epoch (the loader's is off)
+                files = sorted(skipped.items())
+                tqdm.write(f"epoch {epoch}: {describe_skipped(files, ' on all ranks')}; batches "
+                           "kept their size", file=sys.stderr)
         if procs.main and step < total_steps and (step // steps_per_epoch) % args.save_every == 0:
             checkpoint(step)
     run_log.close()

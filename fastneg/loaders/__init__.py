@@ -49,7 +49,7 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
                  scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, workers: int | None = None,
                  drop_last: bool = True, shuffle: bool = True, skip_bad: bool = False,
-                 texture_bank=None):
+                 texture_bank=None, report_skipped: bool = True):
     """A Loader of `kind` over `data`: an ImageFolder root, or for "ffcv" a .beton written by
     `fastneg convert --to ffcv`, or for "dali" and "torch" tar shards in the WebDataset layout
     (a folder of *.tar, a brace pattern such as train-{0000..0146}.tar, a URL or pipe:CMD; see
@@ -70,8 +70,9 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
     12) are DataLoader processes for "torch" (0: none)
     and CPU threads for DALI and FFCV. Files no decoder can read stop the build with a
     ValueError naming them, or with skip_bad=True are left out and counted in `loader.skipped`
-    (and logged at the end of each epoch); see loaders.common.LoaderBase for files that fail
-    only when decoded.
+    (and logged at the end of each epoch by rank 0, unless report_skipped=False: a caller that
+    reports `loader.bad_files` itself, as the trainer does for all ranks together); see
+    loaders.common.LoaderBase for files that fail only when decoded.
     """
     from fastneg.data.ffcv_import import import_ffcv
     from fastneg.loaders.common import LoaderConfig
@@ -82,6 +83,7 @@ def build_loader(kind: str, data, *, batch_size: int, views: int = 2, size: int 
                        scale=None if scale is None else tuple(scale), ratio=tuple(ratio),
                        device=device, rank=rank, world_size=world_size, seed=seed,
                        workers=workers, drop_last=drop_last, shuffle=shuffle, skip_bad=skip_bad,
+                       report_skipped=report_skipped,
                        texture_bank=None if texture_bank is None else str(texture_bank))
     from fastneg.data.shards import looks_like_shards
 

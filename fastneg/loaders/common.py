@@ -56,6 +56,7 @@ class LoaderConfig:
     drop_last: bool = True
     shuffle: bool = True
     skip_bad: bool = False
+    report_skipped: bool = True       # False: the caller reports loader.bad_files itself
     texture_bank: str | None = None   # a jpeg texture bank folder: Batch.textures (see Batch)
 
     def __post_init__(self):
@@ -254,6 +255,15 @@ def open_texture_bank(path, images):
 
 # ----------------------------------------------------------------- loader plumbing
 
+def describe_skipped(bad_files, where: str = "") -> str:
+    """'skipped N unreadable file(s)WHERE (FILE: WHY; ... ...)' for (file, reason) pairs, the
+    first three named: the one wording of the end-of-epoch report (the loaders', the
+    trainer's)."""
+    first = "; ".join(f"{f}: {why}" for f, why in bad_files[:3])
+    more = " ..." if len(bad_files) > 3 else ""
+    return f"skipped {len(bad_files)} unreadable file(s){where} ({first}{more})"
+
+
 class LoaderBase:
     """The part of a Loader that does not depend on the backend.
 
@@ -350,10 +360,10 @@ class LoaderBase:
     def __iter__(self):
         epoch = self.epoch
         yield from self._batches(epoch, self.samples(epoch))
-        if self.bad_files and self.cfg.rank == 0:   # once per epoch, not once per rank
-            first = "; ".join(f"{f}: {why}" for f, why in self.bad_files[:3])
-            log.warning("%s loader, epoch %d: skipped %d unreadable file(s) (%s%s)", self.kind,
-                        epoch, self.skipped, first, " ..." if self.skipped > 3 else "")
+        if self.bad_files and self.cfg.rank == 0 and self.cfg.report_skipped:
+            # once per epoch, not once per rank
+            log.warning("%s loader, epoch %d: %s", self.kind, epoch,
+                        describe_skipped(self.bad_files))
 
     def _batches(self, epoch: int, samples: np.ndarray):
         raise NotImplementedError

@@ -243,7 +243,7 @@ class ShardLoaderBase(LoaderBase):
     def __iter__(self):
         epoch = self.epoch
         yield from self._batches(epoch)
-        if self.bad_files and self.cfg.rank == 0:
+        if self.bad_files and self.cfg.rank == 0 and self.cfg.report_skipped:
             first = "; ".join(f"{f}: {why}" for f, why in self.bad_files[:3])
             log.warning("%s loader, epoch %d: skipped %d unreadable sample(s) or shard(s) "
                         "(%s%s)", self.kind, epoch, self.skipped, first,
