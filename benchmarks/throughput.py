@@ -230,7 +230,7 @@ def write_texture_bank(data: Path, size: int, workdir: Path) -> Path:
     from PIL import Image
 
     from fastneg.data.imagefolder import scan_image_folder
-    from fastneg.texture.bank import write_bank_from_arrays
+    from fastneg.texture.build import write_bank_from_arrays
     listing = scan_image_folder(data)
 
     def textures():

@@ -155,7 +155,7 @@ def _finished_texture_batch(kind, source, bank):
 
 def test_texture_rows_read_a_jpeg_bank_through_the_loader(tiny_data, tmp_path):
     from fastneg.data.imagefolder import scan_image_folder
-    from fastneg.texture.bank import BankReader
+    from fastneg.texture.store import BankReader
     bank = throughput.write_texture_bank(tiny_data, 16, tmp_path)
     n = len(scan_image_folder(tiny_data))
     reader = BankReader(bank, expect=tiny_data)

@@ -10,7 +10,7 @@ import pytest
 from fastneg.data import convert
 from fastneg.data.imagefolder import scan_image_folder
 from fastneg.data.synthetic import DatasetSpec, make_dataset
-from fastneg.texture.bank import write_bank_from_arrays
+from fastneg.texture.build import write_bank_from_arrays
 
 pytest.importorskip("ffcv")
 

@@ -24,7 +24,7 @@ from fastneg.loaders.common import LoaderConfig, texture_params
 from fastneg.loaders.torch_loader import Loader as TorchLoader
 from fastneg.loaders.torch_loader import _crop_into, prefetched, resized_crops
 from fastneg.texture import BankSpec, build_bank
-from fastneg.texture.bank import BankReader
+from fastneg.texture.store import BankReader
 
 SIZE, BS, BANK_SIZE = 32, 8, 40
 SEED = 7

@@ -82,7 +82,7 @@ def test_bomb_and_fifo_never_reach_a_decoder(folder, tmp_path):
     """torch loader (CPU decode), eval and the bank's reader refuse them by name."""
     from fastneg.eval.suite import evaluate_backbone
     from fastneg.loaders import build_loader
-    from fastneg.texture.bank import _load_rgb
+    from fastneg.texture.build import _load_rgb
     _bomb_png(folder / "a" / "bomb.png")
     with pytest.raises(ValueError, match="bomb.png: image too large"):
         build_loader("torch", folder, batch_size=2, size=16, device="cpu", workers=0)
@@ -249,7 +249,7 @@ def test_weights_that_do_not_fit_are_one_error(tmp_path):
 
 
 def test_bank_index_missing_key_is_named(tmp_path):
-    from fastneg.texture.bank import FORMAT, VERSION, read_index
+    from fastneg.texture.store import FORMAT, VERSION, read_index
     (tmp_path / "index.json").write_text(json.dumps({"format": FORMAT, "version": VERSION}))
     with pytest.raises(ValueError, match="index.json lacks the key 'complete'"):
         read_index(tmp_path)

@@ -14,8 +14,8 @@ from fastneg.cli import main
 from fastneg.data.imagefolder import scan_image_folder
 from fastneg.data.synthetic import DatasetSpec, make_dataset
 from fastneg.texture import BankSpec, TextureBank, build_bank, synthesize
-from fastneg.texture.bank import (DONE_FILE, INDEX_FILE, JPEG_FILE, TEXTURES_FILE, BankReader,
-                                  select_rows)
+from fastneg.texture.build import select_rows
+from fastneg.texture.store import DONE_FILE, INDEX_FILE, JPEG_FILE, TEXTURES_FILE, BankReader
 
 SPEC = BankSpec(size=40, exemplar=24, seed=3, storage="raw")   # block 9, overlap 2 by default
 JPEG_SPEC = BankSpec(size=40, exemplar=24, seed=3)                # the default storage
@@ -251,7 +251,7 @@ def test_cli_format_flag(data, tmp_path, capsys):
 # ---------------------------------------------------------------- a bank of given textures
 
 def test_write_bank_from_arrays_reads_back_and_feeds_the_loader(data, tmp_path):
-    from fastneg.texture.bank import write_bank_from_arrays
+    from fastneg.texture.build import write_bank_from_arrays
     images = scan_image_folder(data)
     rng = np.random.default_rng(0)
     # smooth textures (JPEG keeps them within a few levels), one per image
@@ -285,7 +285,7 @@ def test_write_bank_from_arrays_reads_back_and_feeds_the_loader(data, tmp_path):
 
 
 def test_write_bank_from_arrays_rejects_a_wrong_count_or_shape(data, tmp_path):
-    from fastneg.texture.bank import write_bank_from_arrays
+    from fastneg.texture.build import write_bank_from_arrays
     n = len(scan_image_folder(data))
     tex = np.zeros((n + 1, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="textures"):
@@ -300,3 +300,4 @@ def test_write_bank_from_arrays_rejects_a_wrong_count_or_shape(data, tmp_path):
     with pytest.raises(ValueError, match=r"\[8, 8, 3\]"):
         write_bank_from_arrays(data, tmp_path / "mixed",
                                [tex[0], np.zeros((9, 9, 3), np.uint8)])
+

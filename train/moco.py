@@ -351,7 +351,7 @@ def loader_texture_bank(args) -> str | None:
     like the images; a raw one is loaded whole by step_inputs instead. None without one."""
     if args.negatives not in ("texture", "both"):
         return None
-    from fastneg.texture.bank import read_index, storage_of
+    from fastneg.texture.store import read_index, storage_of
     return args.texture_bank if storage_of(read_index(args.texture_bank)) == "jpeg" else None
 
 

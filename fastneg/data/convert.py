@@ -120,7 +120,7 @@ def write_beton(src, out, *, max_side: int = DEFAULT_MAX_SIDE, quality: int = DE
     bad = dict(check.bad)
     bank = None
     if texture_bank is not None:
-        from fastneg.texture.bank import BankReader
+        from fastneg.texture.store import BankReader
         bank = BankReader(texture_bank, expect=images)     # a bank made from `src`
         if bank.storage != "jpeg":
             raise ValueError(f"texture bank {texture_bank} is stored raw; the .beton stores JPEG "

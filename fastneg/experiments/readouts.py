@@ -102,7 +102,7 @@ def prepare_data(root: Path, spec: DatasetSpec) -> tuple[Path, bool]:
 
 
 def prepare_bank(out: Path, data: Path, size: int, rebuild: bool) -> Path:
-    from fastneg.texture.bank import BankSpec, build_bank
+    from fastneg.texture.build import BankSpec, build_bank
     bank = out / "bank"
     # Exemplars of half the image side (see README: a whole-image exemplar copies the shape).
     build_bank(data / "train", bank, BankSpec(size=size, exemplar=size // 2),

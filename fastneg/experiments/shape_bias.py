@@ -127,7 +127,7 @@ def to_grayscale(root: Path, quality: int) -> None:
 
 
 def prepare_bank(out: Path, data: Path, setup: Setup, rebuild: bool) -> Path:
-    from fastneg.texture.bank import BankSpec, build_bank
+    from fastneg.texture.build import BankSpec, build_bank
     bank = out / "bank"
     # Exemplars of half the image side keep about as much of an image as the paper's 96 px
     # crops of ImageNet photos.

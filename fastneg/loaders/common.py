@@ -242,7 +242,7 @@ def open_texture_bank(path, images):
     """A BankReader over the jpeg texture bank `path` made from `images` (an ImageList), for a
     loader: ValueError for a raw bank (loaded whole by TextureBank.load instead) or another
     dataset's bank."""
-    from fastneg.texture.bank import BankReader
+    from fastneg.texture.store import BankReader
 
     reader = BankReader(path, expect=images)
     if reader.storage != "jpeg":

@@ -1,4 +1,5 @@
-"""Texture negatives: synthesis (image quilting) and the texture bank (build, store, load).
+"""Texture negatives: synthesis (image quilting), building banks (fastneg.texture.build) and
+reading them (fastneg.texture.store).
 
     from fastneg.texture import TextureBank
     bank = TextureBank.load("banks/shapes", "cuda", expect="data/shapes/train")
@@ -6,7 +7,9 @@
     bank.rows_for(batch.indices)  # texture row of each sample (identity for a full bank)
     tex = sample_textures(*bank.for_batch(batch.indices), size=224, seed=s, step=t)
 """
-from fastneg.texture.bank import BankSpec, TextureBank, build_bank, write_preview
+from fastneg.texture.build import BankSpec, build_bank, write_bank_from_arrays, write_preview
+from fastneg.texture.store import BankReader, TextureBank
 from fastneg.texture.synthesis import quilt, synthesize
 
-__all__ = ["BankSpec", "TextureBank", "build_bank", "quilt", "synthesize", "write_preview"]
+__all__ = ["BankReader", "BankSpec", "TextureBank", "build_bank", "quilt", "synthesize",
+           "write_bank_from_arrays", "write_preview"]

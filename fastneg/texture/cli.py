@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastneg.texture import synthesis
-from fastneg.texture.bank import BankSpec, build_bank, write_preview
+from fastneg.texture.build import BankSpec, build_bank, write_preview
 
 
 def register(sub) -> None:
@@ -30,7 +30,7 @@ def register(sub) -> None:
     m.add_argument("--seed", type=int, default=0, help="synthesis seed (default 0)")
     m.add_argument("--limit", type=int, default=None,
                    help="make only this many textures, a class-stratified subset; each image then "
-                        "uses a texture of its own class (see fastneg.texture.bank)")
+                        "uses a texture of its own class (see fastneg.texture.build)")
     m.add_argument("--format", choices=("jpeg", "raw"), default="jpeg",
                    help="storage: jpeg (default; read by the loaders like images, for any bank "
                         "size) or raw (uint8 array; small banks loaded whole on the device)")
