@@ -9,9 +9,10 @@
 2. aug-plus on every view (fastneg.augment);
 3. patch NS of the augmented query (fastneg.kernels.patch_negatives);
 4. texture NS: the image's own texture, given the query's augmentation draws (its colour, grey,
-   blur and flip): the loader's batch.textures (a JPEG bank, cropped and flipped by the loader
-   per (seed, epoch, dataset index)), or else a random resized crop from a bank held whole
-   (fastneg.kernels.sample_textures, per (seed, draw_step, row)).
+   blur and flip), from a fastneg.texture.source.TextureSource: the loader's batch.textures (a
+   JPEG bank, cropped and flipped by the loader per (seed, epoch, dataset index)), or a random
+   resized crop from a bank held whole (fastneg.kernels.sample_textures, per (seed, draw_step,
+   row)); which one is the source's business (fastneg.texture.source), not the step's.
 
 The NS kernels count samples by batch row, so they take draw_step = step * world_size + rank
 to keep ranks apart. The trainer and the benchmarks call this function, so what the benchmarks
@@ -19,7 +20,8 @@ measure is the trainer's step.
 """
 from __future__ import annotations
 
-from fastneg.kernels import patch_negatives, sample_textures
+from fastneg.kernels import patch_negatives
+from fastneg.texture.source import as_texture_source
 
 NEGATIVES = ("none", "patch", "texture", "both")
 PAPER_SIZE, PAPER_PATCH_RANGE = 224, (16, 72)
@@ -37,16 +39,17 @@ def make_views_and_negatives(batch, *, aug, seed: int, step: int, rank: int = 0,
     """(views, negatives) for one rank's `batch` (a fastneg.loaders.Batch) at training `step`.
 
     aug: a fastneg.augment.MoCoV2Augment (its dtype is the output dtype).
-    negatives: one of NEGATIVES; "texture" and "both" need batch.textures (a loader built with
-    texture_bank=) or `textures`, an object with for_batch(indices) -> (bank, ids) such as
-    fastneg.texture.TextureBank.
+    negatives: one of NEGATIVES; "texture" and "both" need `textures`: a
+    fastneg.texture.source.TextureSource (texture_source(BANK) gives the right one for a bank),
+    an object with for_batch(indices) -> (bank, ids) such as fastneg.texture.TextureBank (held
+    whole), or None: the batch's own textures (a loader built with texture_bank=).
     Returns views (a list, one normalized [N, 3, H, W] tensor per loader view, the query first)
     and negatives (a list: the patch NS, then the texture NS, as asked).
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
-    from_loader = getattr(batch, "textures", None)
-    if negatives in ("texture", "both") and textures is None and from_loader is None:
+    source = as_texture_source(textures) if negatives in ("texture", "both") else None
+    if source is not None and not source.ready(batch):
         raise ValueError(f"negatives={negatives!r} needs a texture bank (a loader's "
                          "texture_bank= or textures=...)")
     n = batch.views[0].shape[0]
@@ -59,21 +62,7 @@ def make_views_and_negatives(batch, *, aug, seed: int, step: int, rank: int = 0,
     if negatives in ("patch", "both"):
         made.append(patch_negatives(views[0], layout="nchw", patch_range=tuple(patch_range),
                                     seed=seed, step=draw_step))
-    if negatives in ("texture", "both") and from_loader is not None:
-        made.append(aug.apply(from_loader, draws[0]))
-    elif negatives in ("texture", "both"):
-        made.append(texture_negatives(batch, textures, aug, draws[0], seed=seed,
-                                      draw_step=draw_step, size=views[0].shape[-1]))
+    if source is not None:   # the query's draws: the texture looks like the query
+        tex = source.textures(batch, seed=seed, draw_step=draw_step, size=views[0].shape[-1])
+        made.append(aug.apply(tex, draws[0]))
     return views, made
-
-
-def texture_negatives(batch, textures, aug, query_draws, *, seed: int, draw_step: int,
-                      size: int):
-    """Texture NS of `batch`: each image's texture, randomly cropped to size x size, then
-    augmented with the query's draws."""
-    bank, ids = textures.for_batch(batch.indices)
-    # The rows come from the bank's own map, so the id range check (a host sync on CUDA) is
-    # only done on the CPU.
-    tex = sample_textures(bank, ids, size=size, seed=seed, step=draw_step,
-                          check_ids=ids.device.type == "cpu")
-    return aug.apply(tex, query_draws)

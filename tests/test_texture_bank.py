@@ -301,3 +301,33 @@ def test_write_bank_from_arrays_rejects_a_wrong_count_or_shape(data, tmp_path):
         write_bank_from_arrays(data, tmp_path / "mixed",
                                [tex[0], np.zeros((9, 9, 3), np.uint8)])
 
+
+def test_texture_source_follows_the_storage(data, bank, jpeg_bank):
+    """One decision for the trainer, the step and the loaders: a jpeg bank comes with the
+    batches, a raw one is held whole and cropped per step."""
+    from fastneg.kernels import sample_textures
+    from fastneg.loaders import Batch
+    from fastneg.loaders.common import open_texture_bank
+    from fastneg.texture import texture_source
+    from fastneg.texture.source import FromLoader, HeldBank
+
+    fetched, held = texture_source(jpeg_bank), texture_source(bank)
+    assert isinstance(fetched, FromLoader) and fetched.loader_bank == str(jpeg_bank)
+    assert isinstance(held, HeldBank) and held.loader_bank is None
+    images = scan_image_folder(data)
+    assert open_texture_bank(jpeg_bank, images).path == jpeg_bank
+    with pytest.raises(ValueError, match="stored raw: the loaders read JPEG banks"):
+        open_texture_bank(bank, images)
+
+    indices = torch.tensor([3, 0, 5], dtype=torch.int64)
+    batch = Batch(views=(torch.zeros(3, 8, 8, 3, dtype=torch.uint8),), labels=indices * 0,
+                  indices=indices)
+    assert not held.ready(batch) and held.prepare("cpu", expect=data) is held
+    got = held.textures(batch, seed=2, draw_step=7, size=16)
+    whole = torch.from_numpy(read_textures(bank).copy())
+    assert torch.equal(got, sample_textures(whole, indices, size=16, seed=2, step=7))
+    assert not fetched.ready(batch)
+    with pytest.raises(ValueError, match="carries no textures"):
+        fetched.textures(batch, seed=2, draw_step=7, size=16)
+    batch = Batch(views=batch.views, labels=batch.labels, indices=indices, textures=got)
+    assert fetched.ready(batch) and fetched.textures(batch, seed=0, draw_step=0, size=16) is got

@@ -346,18 +346,20 @@ def dataset_root(args, procs: Processes) -> Path | str:
     return root
 
 
-def loader_texture_bank(args) -> str | None:
-    """The --texture-bank the loader reads (Batch.textures): a JPEG bank is fetched per batch
-    like the images; a raw one is loaded whole by step_inputs instead. None without one."""
+def run_textures(args):
+    """The texture NS source of --texture-bank for --negatives texture|both (None otherwise):
+    fastneg.texture.source decides from the bank's storage whether the loader fetches the
+    textures with the batches or the step crops them from a bank held whole."""
     if args.negatives not in ("texture", "both"):
         return None
-    from fastneg.texture.store import read_index, storage_of
-    return args.texture_bank if storage_of(read_index(args.texture_bank)) == "jpeg" else None
+    from fastneg.texture.source import texture_source
+    return texture_source(args.texture_bank)
 
 
-def loader_source(args, procs: Processes, root: Path) -> Path:
+def loader_source(args, procs: Processes, root: Path, textures) -> Path:
     """What the loader reads: ROOT/train, or for FFCV ROOT/train.beton (converted once;
-    ROOT/train.textures.beton with the textures of a JPEG --texture-bank); shards as given."""
+    ROOT/train.textures.beton with the textures of a bank the loader fetches); shards as
+    given."""
     if isinstance(root, str):
         if args.loader == "ffcv":
             raise ValueError(f"--data {root} names tar shards, which --loader dali and --loader "
@@ -365,7 +367,7 @@ def loader_source(args, procs: Processes, root: Path) -> Path:
         return root
     if args.loader != "ffcv":
         return root / "train"
-    bank = loader_texture_bank(args)
+    bank = textures and textures.loader_bank
     beton = root / ("train.textures.beton" if bank else "train.beton")
     if procs.local_rank == 0 and not beton.exists():
         # In a subprocess: an FFCV writer after a loader in one process can deadlock (Numba).
@@ -377,13 +379,13 @@ def loader_source(args, procs: Processes, root: Path) -> Path:
     return beton
 
 
-def build_training_loader(args, procs: Processes, source: Path):
+def build_training_loader(args, procs: Processes, source: Path, textures):
     """This rank's loader: two random-resized crops per image, its share of the global batch."""
     return build_loader(args.loader, str(source), batch_size=args.batch_size // procs.world,
                         views=2, size=args.size, scale=tuple(args.crop_scale),
                         device=str(procs.device), rank=procs.rank, world_size=procs.world,
                         seed=args.seed, workers=args.workers, drop_last=True, shuffle=True,
-                        texture_bank=loader_texture_bank(args), skip_bad=args.skip_bad,
+                        texture_bank=textures and textures.loader_bank, skip_bad=args.skip_bad,
                         report_skipped=False)   # reported per epoch for all ranks: train()
 
 
@@ -398,20 +400,18 @@ def warn_if_queue_too_large(args, images_per_epoch: int) -> None:
               flush=True)
 
 
-def step_inputs(args, procs: Processes, root: Path):
+def step_inputs(args, procs: Processes, root: Path, textures):
     """make_views_and_negatives with this run's settings bound: call it with (batch, step=...).
-    Loads a raw texture bank for --negatives texture|both (a JPEG one comes with the batches)."""
+    `textures` (run_textures) is made ready on the device here (a bank held whole is loaded)."""
     amp_dtype = PRECISIONS[args.precision]
     on_gpu = procs.device.type == "cuda"
     aug = MoCoV2Augment(dtype=amp_dtype if on_gpu and amp_dtype else torch.float32)
-    bank = None
-    if args.negatives in ("texture", "both") and loader_texture_bank(args) is None:
-        from fastneg.texture import TextureBank
+    if textures is not None:
         expect = None if isinstance(root, str) else str(root / "train")   # str: shards
-        bank = TextureBank.load(args.texture_bank, procs.device, expect=expect)
+        textures.prepare(procs.device, expect=expect)
     return functools.partial(make_views_and_negatives, aug=aug, seed=args.seed,
                              rank=procs.rank, world_size=procs.world, negatives=args.negatives,
-                             patch_range=args.patch_range, textures=bank)
+                             patch_range=args.patch_range, textures=textures)
 
 
 def timed_batches(loader, epoch: int, skip: int):
@@ -643,7 +643,9 @@ def main(argv=None):
         fs.remove_stale_temporaries(out)
 
     root = dataset_root(args, procs)
-    loader = build_training_loader(args, procs, loader_source(args, procs, root))
+    textures = run_textures(args)
+    loader = build_training_loader(args, procs, loader_source(args, procs, root, textures),
+                                   textures)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ValueError(f"{root / 'train'} has fewer images than one global batch "
@@ -651,7 +653,7 @@ def main(argv=None):
     if procs.main:
         warn_if_queue_too_large(args, steps_per_epoch * args.batch_size)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    views_and_negatives = step_inputs(args, procs, root)
+    views_and_negatives = step_inputs(args, procs, root, textures)
 
     model, train_model, optimizer, scaler, step = build_training_model(args, procs, ckpt)
 

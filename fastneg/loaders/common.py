@@ -242,10 +242,11 @@ def open_texture_bank(path, images):
     """A BankReader over the jpeg texture bank `path` made from `images` (an ImageList), for a
     loader: ValueError for a raw bank (loaded whole by TextureBank.load instead) or another
     dataset's bank."""
+    from fastneg.texture.source import fetched_by_loader
     from fastneg.texture.store import BankReader
 
     reader = BankReader(path, expect=images)
-    if reader.storage != "jpeg":
+    if not fetched_by_loader(reader.meta):
         raise ValueError(f"texture bank {path} is stored raw: the loaders read JPEG banks "
                          "(rebuild it with fastneg build-bank --format jpeg), or load it whole "
                          "with TextureBank.load")

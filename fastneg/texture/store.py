@@ -20,7 +20,8 @@ was interrupted is never taken for a complete one.
 
 The loaders read a jpeg bank like images (BankReader: one pread per texture, no whole-bank load,
 so host memory does not grow with the bank); TextureBank.load puts a whole bank (either storage)
-on a device, for small banks.
+on a device, for small banks. Which of the two a training run uses is decided in one place:
+fastneg.texture.source.
 """
 from __future__ import annotations
 
