@@ -1,5 +1,4 @@
 """fastneg.experiments.shape_bias: commands, tables and plots (no training here)."""
-import importlib.util
 import json
 
 import pytest
@@ -8,10 +7,8 @@ from fastneg.experiments import shape_bias as sb
 
 
 def trainer_parser():
-    spec = importlib.util.spec_from_file_location("fastneg_train_moco", sb.TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    from fastneg.train.config import build_parser
+    return build_parser()
 
 
 def test_run_commands_are_accepted_by_the_trainer_and_eval(tmp_path):
@@ -30,7 +27,7 @@ def test_run_commands_are_accepted_by_the_trainer_and_eval(tmp_path):
             continue
         train_cmd, eval_cmd = job.commands
         assert "--nproc_per_node=2" in train_cmd
-        args = train.parse_args(train_cmd[train_cmd.index(str(sb.TRAIN_SCRIPT)) + 1:])
+        args = train.parse_args(train_cmd[train_cmd.index("fastneg.train") + 1:])
         assert args.negatives == job.method.negatives and args.seed == job.seed
         assert (args.alpha is None) == (job.method.alpha is None)
         assert (args.texture_bank is not None) == (job.method.negatives == "texture")

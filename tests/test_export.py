@@ -3,7 +3,6 @@ ResNets and computes fastneg's features; the head file; refusals leave nothing; 
 reads exported files back."""
 import argparse
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -19,8 +18,6 @@ from fastneg.data.synthetic import DatasetSpec, make_dataset
 from fastneg.export import META_ATTR, load_backbone, read_exported
 from fastneg.moco import build_model, load_encoder
 
-SCRIPT = Path(__file__).resolve().parents[1] / "train" / "moco.py"
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -34,14 +31,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trainer():
-    spec = importlib.util.spec_from_file_location("train_moco_export", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fastneg.train import checkpoints
+    return checkpoints
 
 
 def write_trainer_checkpoint(trainer, path: Path, arch: str, cifar_stem: bool = False) -> Path:
-    """A checkpoint as train/moco.py writes it (its training_state and write_checkpoint), after
+    """A checkpoint as the trainer writes it (its training_state and write_checkpoint), after
     two SGD steps of the real model on random images, so that weights and BatchNorm statistics
     are not at their initial values. Split BatchNorm, as in a one-process run."""
     args = argparse.Namespace(arch=arch, dim=16, moco_k=16, moco_m=0.9, moco_t=0.2, alpha=2.0,

@@ -128,12 +128,8 @@ def test_resuming_a_gpu_run_without_a_gpu_is_refused_unless_device_cpu(no_gpu, m
                                                                        tmp_path):
     """--resume of a run that trained on cuda (a paper preset), without --preset or --device,
     on a machine with no usable GPU: refused in one line; --device cpu continues it."""
-    import importlib.util
-
     from fastneg import rundir
-    spec = importlib.util.spec_from_file_location("train_moco_gpu", REPO / "train" / "moco.py")
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
+    from fastneg.train import loop as trainer
     saved = {**vars(trainer.build_parser().parse_args([])), **trainer.PRESETS["paper-in100"],
              "preset": "paper-in100", "device": "cuda", "bn": "shuffle",
              "patch_range": [16, 72]}

@@ -10,11 +10,9 @@ ordering (a long busy-wait is queued on the stream first; the host must be back 
 Each budget is the number of syncs the code makes on purpose, every one listed; a new sync in
 the hot path fails the test and names the file:line torch blamed.
 """
-import importlib.util
 import math
 import warnings
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +20,6 @@ import torch
 pytestmark = pytest.mark.cuda
 
 SYNC = "called a synchronizing CUDA operation"
-TRAINER = Path(__file__).resolve().parents[1] / "train" / "moco.py"
 SIZE, BATCH = 64, 32
 # torch.cuda._sleep spins this many GPU clock cycles: about a second at an H100's ~2 GHz, far
 # longer than the host needs to queue one step's data work once the kernels are compiled
@@ -86,10 +83,8 @@ def test_views_and_negatives_make_no_host_sync():
 
 
 def _trainer():
-    spec = importlib.util.spec_from_file_location("train_moco_syncs", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fastneg.train import loop
+    return loop
 
 
 # Syncs of one step the trainer makes on purpose:
@@ -105,9 +100,11 @@ LOG_SYNCS = 1
 def test_a_training_step_syncs_only_where_the_trainer_means_to(precision, tmp_path):
     trainer = _trainer()
     device = torch.device("cuda", torch.cuda.current_device())
-    settings = {**trainer.DEFAULTS, **trainer.DEVICE_DEFAULTS["cuda"], "arch": "resnet18",
+    from fastneg.step import scaled_patch_range
+    from fastneg.train.config import DEFAULTS, DEVICE_DEFAULTS
+    settings = {**DEFAULTS, **DEVICE_DEFAULTS["cuda"], "arch": "resnet18",
                 "size": SIZE, "batch_size": BATCH, "precision": precision, "bn": "split",
-                "patch_range": list(trainer.scaled_patch_range(SIZE)), "device": "cuda"}
+                "patch_range": list(scaled_patch_range(SIZE)), "device": "cuda"}
     args = Namespace(**settings)
     procs = trainer.Processes(world=1, rank=0, local_rank=0, local_world=1, device=device,
                               distributed=False)
@@ -121,7 +118,7 @@ def test_a_training_step_syncs_only_where_the_trainer_means_to(precision, tmp_pa
     batch = gpu_batch()
 
     def step(s):
-        """The body of the trainer's loop (train/moco.py main), minus the data wait."""
+        """The body of the trainer's loop (fastneg.train.loop.train), minus the data wait."""
         trainer.set_learning_rate(optimizer, trainer.learning_rate(args, s, steps_per_epoch))
         views, negatives = views_and_negatives(batch, step=s)
         loss = trainer.train_step(train_model, optimizer, scaler, autocast, views, negatives, s)

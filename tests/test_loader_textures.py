@@ -281,14 +281,10 @@ def test_gpu_loaders_give_textures_on_the_device(data, kind):
 @pytest.mark.slow
 def test_trainer_texture_negatives_come_from_the_loader(data, tmp_path, monkeypatch):
     """train/moco.py with a JPEG bank: the loader's textures feed the texture NS."""
-    import importlib.util
+    from fastneg.train import loop as trainer
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    script = Path(__file__).resolve().parents[1] / "train" / "moco.py"
-    spec = importlib.util.spec_from_file_location("train_moco_textures", script)
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
     import fastneg.texture as texture_pkg
     monkeypatch.setattr(texture_pkg.TextureBank, "load", None)   # must not be used
     seen = []

@@ -48,18 +48,16 @@ def test_quick_setup_and_methods_need_moco(tmp_path):
 
 
 def test_run_commands_are_accepted_by_the_trainer_and_eval(tmp_path):
-    import importlib.util
     from fastneg.cli import build_parser as fastneg_parser
-    spec = importlib.util.spec_from_file_location("fastneg_train_moco_ro", ex.TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    train = module.build_parser()
+    from fastneg.train.config import build_parser
+    train = build_parser()
     jobs = ex.make_jobs(tmp_path, tmp_path / "data", tmp_path / "ind", tmp_path / "bank",
                         ex.Setup(), ex.METHODS)
     assert [j.name for j in jobs] == [f"{m.name}-s{s}" for m in ex.METHODS for s in (0, 1, 2)]
     for job in jobs:
         train_cmd, readout_cmd, eval_cmd = job.commands
-        args = train.parse_args(train_cmd[2:])
+        assert train_cmd[1:3] == ["-m", "fastneg.train"]
+        args = train.parse_args(train_cmd[3:])
         assert args.negatives == job.method.negatives and args.seed == job.seed
         assert args.crop_scale == [0.2, 1.0] and args.bn is None   # split BN: one process
         for cmd, data in ((readout_cmd, "ind"), (eval_cmd, "data")):

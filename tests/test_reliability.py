@@ -411,11 +411,8 @@ def train_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_moco_reliability", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fastneg.train import loop
+    return loop
 
 
 @pytest.fixture
@@ -476,10 +473,9 @@ def test_trainer_run_directory_survives_kills_and_a_second_trainer(trainer, trai
 
 
 @pytest.mark.slow
-def test_trainer_mid_run_decode_failure_is_one_line(train_data, tmp_path, single_process,
-                                                    monkeypatch, capsys):
+def test_trainer_mid_run_decode_failure_is_one_line(trainer, train_data, tmp_path,
+                                                    single_process, capsys):
     """A JPEG whose header passes the pre-flight check but whose Huffman table is bogus."""
-    import runpy
     data = tmp_path / "data"
     import shutil
     shutil.copytree(train_data, data)
@@ -488,10 +484,9 @@ def test_trainer_mid_run_decode_failure_is_one_line(train_data, tmp_path, single
     bad[dht + 5:dht + 21] = b"\xff" * 16          # impossible code counts
     (data / "train" / "a" / "0.jpg").write_bytes(bytes(bad))
     assert inspect_file(data / "train" / "a" / "0.jpg")[0] is None
-    monkeypatch.setattr(sys, "argv", ["moco.py", "--data", str(data), *TRAIN, "--max-steps", "4",
-                                      "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
+        trainer.cli("train/moco.py", ["--data", str(data), *TRAIN, "--max-steps", "4",
+                                      "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
     last = "train/moco.py: error:" + err.rpartition("train/moco.py: error:")[2]  # after the bar

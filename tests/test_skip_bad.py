@@ -105,11 +105,8 @@ def test_trainer_skip_bad_under_torchrun(data, tmp_path):
 
 @pytest.fixture(scope="module")
 def trainer():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("train_moco", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fastneg.train import loop
+    return loop
 
 
 def test_trainer_reports_each_skipped_file_once_per_epoch(trainer, data, tmp_path, monkeypatch,

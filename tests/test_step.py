@@ -91,7 +91,7 @@ def tiny_data(tmp_path):
 
 
 def test_trainer_and_throughput_benchmark_run_the_same_step(tiny_data, tmp_path, monkeypatch):
-    trainer = _load(REPO / "train" / "moco.py", "train_moco_step_check")
+    from fastneg.train import loop as trainer
     throughput = _load(REPO / "benchmarks" / "throughput.py", "bench_throughput_step_check")
     the_step = step_module.make_views_and_negatives
     assert trainer.make_views_and_negatives is the_step

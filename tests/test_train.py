@@ -5,7 +5,6 @@ In-process runs call the script's main() (so Numba compiles once for the whole m
 2-process runs go through torchrun like a user's.
 """
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -35,10 +34,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer():
-    spec = importlib.util.spec_from_file_location("train_moco", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from fastneg.train import loop
+    return loop
 
 
 @pytest.fixture

@@ -44,9 +44,8 @@ import numpy as np
 
 from fastneg.data.files import available_cpus
 from fastneg.data.synthetic import DatasetSpec, make_dataset
-from fastneg.experiments.shape_bias import (METHODS, TRAIN_SCRIPT, Job, _cell, _stats,
-                                            experiment_parser, finish, job_done,
-                                            require_trainer, run_all)
+from fastneg.experiments.shape_bias import (METHODS, TRAINER, Job, _cell, _stats,
+                                            experiment_parser, finish, job_done, run_all)
 
 DEV_DATA_SEED, MAIN_DATA_SEED = 1, 0
 INDEPENDENT_SEED_OFFSET = 10   # the Trifeature set's data seed: the main (or dev) seed + 10
@@ -117,7 +116,7 @@ def make_jobs(out: Path, data: Path, independent: Path, bank: Path, setup: Setup
     for method in methods:
         for seed in setup.seeds:
             run = out / "runs" / f"{method.name}-s{seed}"
-            train = [py, str(TRAIN_SCRIPT), "--data", str(data), "--negatives", method.negatives,
+            train = [py, *TRAINER, "--data", str(data), "--negatives", method.negatives,
                      "--arch", setup.arch, "--size", str(setup.size),
                      "--epochs", str(setup.epochs), "--batch-size", str(setup.batch_size),
                      "--moco-k", str(setup.moco_k), "--lr", str(setup.lr),
@@ -316,7 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    require_trainer()
     setup = replace(Setup(), **(QUICK if args.quick else {}),
                     data_seed=DEV_DATA_SEED if args.dev else MAIN_DATA_SEED)
     given = {k: getattr(args, k) for k in ("images_per_class", "size", "p_dominant", "arch",

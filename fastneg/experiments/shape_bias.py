@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 
-import fastneg
 from fastneg.data.files import available_cpus
 from fastneg.data.synthetic import SHAPES, DatasetSpec, make_dataset
 
@@ -52,7 +51,7 @@ SPLITS = ("val", "conflict", "outline", "corrupt")
 SPLIT_TITLES = {"val": "val (in domain)", "conflict": "conflict", "outline": "outline",
                 "corrupt": "corrupted val (-C)"}
 DEV_DATA_SEED, MAIN_DATA_SEED = 1, 0
-TRAIN_SCRIPT = Path(fastneg.__file__).resolve().parents[1] / "train" / "moco.py"
+TRAINER = ["-m", "fastneg.train"]   # after python or torchrun: the trainer (fastneg.train)
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ def make_jobs(out: Path, data: Path, bank: Path, setup: Setup, methods,
                              str(setup.batch_size), "--seed", str(seed), "--workers", "0",
                              "--corrupt-dir", str(out / "corrupt")]]
             else:
-                train = [*launch, str(TRAIN_SCRIPT), "--data", str(data), "--loader", "torch",
+                train = [*launch, *TRAINER, "--data", str(data), "--loader", "torch",
                          "--workers", "0",   # one core per process: decode in the process
                          "--negatives", method.negatives, "--arch", setup.arch,
                          "--size", str(setup.size), "--epochs", str(setup.epochs),
@@ -392,12 +391,6 @@ def experiment_parser(doc: str, dev_help: str) -> argparse.ArgumentParser:
     return p
 
 
-def require_trainer() -> None:
-    if not TRAIN_SCRIPT.exists():
-        raise FileNotFoundError(f"the experiment runs the trainer {TRAIN_SCRIPT}, which only a "
-                                "source checkout of fastneg has")
-
-
 def finish(out: Path, name: str, report: dict, markdown_text: str, plots, wall: float,
            failures: list) -> int:
     """Write out/NAME.json and out/NAME.md, print the plots written, the table and the wall
@@ -439,7 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    require_trainer()
     if args.processes < 1:
         raise ValueError(f"--processes must be >= 1, got {args.processes}")
     setup = replace(Setup(), data_seed=DEV_DATA_SEED if args.dev else MAIN_DATA_SEED,
