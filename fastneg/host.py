@@ -1,6 +1,7 @@
 """Process-wide memory setting for CPU work. Importing this module changes nothing; the first
 aug-plus on a CPU batch calls keep_freed_memory_once() (FASTNEG_KEEP_FREED_MEMORY=0 turns that
-off), and train/moco.py (on the CPU) and the benchmarks call keep_freed_memory() at start.
+off), and the trainer (fastneg.train, on the CPU) and the benchmarks call keep_freed_memory() at
+start.
 
 Every CPU step allocates its large arrays anew: aug-plus's float32 output is 38.5 MB per view
 at batch 64 x 224 px. glibc serves blocks that large with a fresh mmap and returns them to the

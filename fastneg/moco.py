@@ -7,8 +7,8 @@ The query encoder is a torchvision ResNet (or the small "resnet10s" for CPUs) fo
 2-layer MLP head; the key encoder is its momentum copy. Keys and non-semantic negatives (NS) are
 both encoded by the key encoder without gradient, with the same BatchNorm treatment; only keys
 enter the queue. The loss is docs/method.md's, with alpha multiplying the NS similarity inside the
-exponent. Checkpoints written by train/moco.py are read back by `read_checkpoint` and
-`load_encoder`, which never unpickle anything but tensors, numbers and strings.
+exponent. Checkpoints written by the trainer (fastneg.train) are read back by `read_checkpoint`
+and `load_encoder`, which never unpickle anything but tensors, numbers and strings.
 """
 from __future__ import annotations
 

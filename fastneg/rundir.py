@@ -1,6 +1,6 @@
 """What keeps a run directory whole through kills, full disks and a second trainer.
 
-The trainer (train/moco.py) calls these at a few points:
+The trainer (fastneg.train) calls these at a few points:
 
     lock = fs.hold_lock(out / LOCK_FILE, f"run directory {out}")   # rank 0, the whole run
     refuse_existing_run(out, resuming)       # a new run never overwrites a run's checkpoints

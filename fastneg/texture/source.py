@@ -9,7 +9,7 @@ A jpeg bank is read by the loader like the images (FromLoader: each batch's text
 cropped and flipped in batch.textures, per (seed, epoch, dataset index)). A raw bank, which the
 loaders do not read, is held whole on the device (HeldBank over a TextureBank) and each step
 takes a random resized crop of each sample's texture (fastneg.kernels.sample_textures, per
-(seed, draw_step, row)). The trainer (train/moco.py), the loaders (which refuse a bank that is
+(seed, draw_step, row)). The trainer (fastneg.train), the loaders (which refuse a bank that is
 not theirs) and fastneg.step all ask this module rather than the storage.
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Train MoCo-v2 with non-semantic negatives (fastneg's lean DDP trainer): `python -m fastneg.train`,
-or the script train/moco.py (a thin entry to this package, also under torchrun).
+"""Train MoCo-v2 with non-semantic negatives (fastneg's lean DDP trainer):
+`python -m fastneg.train`, or the script train/moco.py (a thin entry to this package, also
+under torchrun).
 
     python train/moco.py                                   # one process, embedded data
     torchrun --standalone --nproc_per_node=1 train/moco.py --loader dali      # = make train
