@@ -101,6 +101,7 @@ def test_flag_errors(trainer, data, tmp_path, single_process, monkeypatch, capsy
     assert "needs --texture-bank" in error_of([*base, "--negatives", "texture"])
     assert "--moco-k 60 is not divisible by the global batch" in error_of([*base, "--moco-k", "60"])
     assert "--patch-range 4 40" in error_of([*base, "--patch-range", "4", "40"])
+    assert "--batch-size must be >= 1, got 0" in error_of([*base, "--batch-size", "0"])
     with pytest.raises(FileNotFoundError, match="missing.*train"):
         trainer.main([*TINY, "--data", str(tmp_path / "missing"), "--device", "cpu",
                       "--out", str(tmp_path / "run")])

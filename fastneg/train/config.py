@@ -177,6 +177,10 @@ def as_saved(value):
 
 
 def check_args(parser, args, world):
+    # first: the checks below divide by these
+    for name in ("epochs", "size", "batch_size", "log_every", "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.negatives in ("texture", "both") and not args.texture_bank:
         parser.error(f"--negatives {args.negatives} needs --texture-bank PATH "
                      "(build one with `fastneg build-bank`)")
@@ -197,9 +201,6 @@ def check_args(parser, args, world):
         parser.error(f"--bn split needs one process and a batch divisible by --bn-splits "
                      f"{args.bn_splits} (got {world} processes, batch {args.batch_size}); "
                      "use --bn shuffle across processes")
-    for name in ("epochs", "size", "batch_size", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup_epochs < 0 or args.lr <= 0:
         parser.error(f"need --warmup-epochs >= 0 and --lr > 0, got {args.warmup_epochs} and "
                      f"{args.lr}")
