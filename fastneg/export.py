@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastneg.data.staging import atomic_file
+from fastneg.fs import atomic_file
 from fastneg.moco import SMALL_ARCHS, TORCHVISION_ARCHS, build_backbone, load_encoder, \
     read_checkpoint
 

@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from fastneg.data.imagefolder import IMG_EXTENSIONS
-from fastneg.data.staging import staged_dir
+from fastneg.fs import staged_dir
 from fastneg.progress import tqdm
 
 BUILTIN_LISTS = {"in100": "imagenet100.txt"}   # --classes NAME -> package data file

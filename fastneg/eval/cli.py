@@ -112,7 +112,7 @@ def run(args) -> None:
         from fastneg.eval.ood import paper_table
         print(paper_table(result["paper"], label=Path(args.checkpoint).name))
     if args.json:
-        from fastneg.data.staging import atomic_file
+        from fastneg.fs import atomic_file
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out) as tmp:   # a killed run leaves no half-written JSON
