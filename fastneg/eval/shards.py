@@ -11,7 +11,7 @@ whose values exceed float16's range is stored as float32 instead (its entry says
 value is ever turned into inf. Every reader converts blocks to float32.
 
 A folder is built under a hidden sibling name and renamed into place when its manifest is
-written (fastneg.data.staging.staged_dir), so a killed writer never leaves a folder that
+written (fastneg.fs.staged_dir), so a killed writer never leaves a folder that
 `open_shards` accepts: it needs the manifest, the key and every shard with its recorded shape.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastneg.data.staging import staged_dir
+from fastneg.fs import staged_dir
 
 FORMAT = "fastneg-feature-shards"
 VERSION = 1
