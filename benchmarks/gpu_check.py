@@ -33,10 +33,8 @@ NOT_MEASURED = "not measured yet (no GPU lent)"
 
 
 def _write_json(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from fastneg.fs import write_text_atomic     # standard library only, like this module
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _importable(name: str) -> bool:
@@ -127,7 +125,7 @@ def data(args) -> int:
     """OUT/train: the imagenet-like train split only (the stages read nothing else)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from fastneg.data.staging import staged_dir
+    from fastneg.fs import staged_dir
     from fastneg.data.synthetic import SHAPES, DatasetSpec
     train = Path(args.out) / "train"
     spec = DatasetSpec(images_per_class=args.images_per_class, imagenet_like=True)
@@ -216,6 +214,7 @@ def ceiling(args) -> int:
     from fastneg.loaders import Batch
     from fastneg.moco import build_model
     from fastneg.step import make_views_and_negatives, scaled_patch_range
+    from fastneg.train.loop import train_step
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -232,14 +231,13 @@ def ceiling(args) -> int:
     batch = Batch(views, torch.zeros(n, dtype=torch.long, device=device),
                   torch.arange(n, device=device))
 
+    scaler = torch.amp.GradScaler(device.type, enabled=False)      # bf16: no loss scaling
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
     def step(t):
-        q_k, negatives = make_views_and_negatives(batch, aug=aug, seed=0, step=t,
-                                                  patch_range=scaled_patch_range(size))
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = model(q_k[0], q_k[1], ns=negatives, step=t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        views, negatives = make_views_and_negatives(batch, aug=aug, seed=0, step=t,
+                                                    patch_range=scaled_patch_range(size))
+        train_step(model, opt, scaler, autocast, views, negatives, t)
 
     for t in range(args.warmup):
         step(t)
@@ -396,10 +394,9 @@ def readme(args) -> int:
                          f"{README_END} line around the GPU table")
     head, rest = text.split(README_START)
     _, tail = rest.split(README_END)
-    new = head + README_START + "\n" + readme_table(out) + "\n" + README_END + tail
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    from fastneg.fs import write_text_atomic
+    write_text_atomic(path, head + README_START + "\n" + readme_table(out) + "\n" + README_END
+                      + tail)
     print(f"{path}: GPU table from {out}")
     return 0
 

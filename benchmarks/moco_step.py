@@ -48,13 +48,13 @@ def build_model(args, device):
     return model, opt
 
 
-def train_step(model, opt, views, negatives, step, precision):
-    with torch.autocast(views[0].device.type, dtype=torch.bfloat16,
-                        enabled=precision == "bf16"):
-        loss, _ = model(views[0], views[1], ns=negatives, step=step)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+def trainer_step(model, opt, views, negatives, step, precision):
+    """The trainer's own optimizer step (fastneg.train.loop.train_step) in `precision`."""
+    from fastneg.train.loop import train_step
+    autocast = torch.autocast(views[0].device.type, dtype=torch.bfloat16,
+                              enabled=precision == "bf16")
+    scaler = torch.amp.GradScaler(views[0].device.type, enabled=False)   # no fp16 here
+    train_step(model, opt, scaler, autocast, views, negatives, step)
 
 
 def _sync(device):
@@ -77,14 +77,14 @@ def run_steps(model, opt, batches, args, device, tree):
     """Time args.steps steps after args.warmup; (img/s, data-wait fraction, CPU cores)."""
     it = iter(batches)
     for step in range(args.warmup):
-        train_step(model, opt, *next(it), step, args.precision)
+        trainer_step(model, opt, *next(it), step, args.precision)
     _sync(device)
     cpu0, start, wait = tree.cpu_seconds(), time.perf_counter(), 0.0
     for step in range(args.warmup, args.warmup + args.steps):
         t = time.perf_counter()
         views, negatives = next(it)
         wait += time.perf_counter() - t
-        train_step(model, opt, views, negatives, step, args.precision)
+        trainer_step(model, opt, views, negatives, step, args.precision)
     _sync(device)
     wall = time.perf_counter() - start
     return (args.steps * args.batch_size / wall, wait / wall,
