@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning, as in train/moco.py and the throughput rows:
-# torch's pool spinning after a copy_ slowed the next Numba kernel 2x. Set before torch starts.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# First, before torch: importing fastneg makes idle OpenMP threads sleep instead of spinning
+# (OMP_WAIT_POLICY=PASSIVE unless set; fastneg/__init__.py says why).
+import fastneg  # noqa: E402,F401
 import torch  # noqa: E402
 import torchvision.transforms.v2.functional as TF  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402

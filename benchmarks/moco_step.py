@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# OpenMP threads sleep instead of spinning while they wait, as in throughput.row_environment
-# (spinning starves the loader's workers on shared cores); set before torch starts OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# First, before torch: importing fastneg makes idle OpenMP threads sleep instead of spinning
+# (OMP_WAIT_POLICY=PASSIVE unless set; fastneg/__init__.py says why).
+import fastneg  # noqa: E402,F401
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
