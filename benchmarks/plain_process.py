@@ -4,8 +4,9 @@ the throughput benchmark's tuned environment, in one run.
 
     python benchmarks/plain_process.py [--json F] [--data PHOTOS/train] [--batches 20]
 
-"plain": a child process whose environment has no OMP_*, KMP_*, NUMBA_* or MALLOC_* variable and
-which calls nothing of fastneg.host: what a library user's script gets from `import fastneg...`.
+"plain": a child process whose environment has no OMP_*, KMP_*, NUMBA_* or MALLOC_* variable,
+which imports torch before fastneg and calls nothing of fastneg.host: what a library user's
+script gets from `import torch` then `import fastneg...`.
 "tuned": the throughput benchmark's rows (OMP_WAIT_POLICY=PASSIVE in the environment and
 fastneg.host.keep_freed_memory() called first).
 
@@ -31,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 SCRUBBED_PREFIXES = ("OMP_", "KMP_", "NUMBA_", "MALLOC_", "GOMP_")
 
 CHILD = textwrap.dedent("""
+    import torch            # first, as a user's script would: torch's OpenMP runtime loads now
     import json, sys, time
     sys.path.insert(0, {here!r})
     mode, what, data, batches, out = sys.argv[1:6]
