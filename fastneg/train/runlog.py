@@ -132,4 +132,7 @@ def write_summary(out: Path, summary: dict, root: Path) -> None:
         print(f"\nwhat was learned ({root}; linear probe on frozen features):\n"
               f"{summary_table(summary['eval'])}", flush=True)
     else:
-        print(f"evaluate with: fastneg eval {out / 'checkpoint.pt'} --data {root}", flush=True)
+        from fastneg.data.shards import looks_like_shards
+        # eval reads ImageFolders (train/ and the splits beside it), not shards
+        data = "ROOT" if looks_like_shards(root) else root
+        print(f"evaluate with: fastneg eval {out / 'checkpoint.pt'} --data {data}", flush=True)
