@@ -32,7 +32,7 @@ def _signatures():
     """{kernel name: (python source with bound globals, argument types)}; imports numba.cuda."""
     from numba import types as t
 
-    from fastneg import augment_cuda
+    from fastneg.augment import cuda as augment_cuda
     from fastneg.kernels import patch, textures
 
     def arr(dtype, ndim, layout="C"):

@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from fastneg import augment
-from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, AugParams, MoCoV2Augment
+from fastneg.augment import IMAGENET_MEAN, IMAGENET_STD, AugParams, MoCoV2Augment, torch_ops
 
 N, H, W = 6, 30, 38          # H != W catches swapped axes
 
@@ -195,7 +195,7 @@ def test_torch_path_chunks_and_fused_threads_do_not_change_the_result(images, mo
     aug = MoCoV2Augment()
     p = aug.sample(N, seed=0, step=0)
     whole = aug._apply_torch(images, p)
-    monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", 1)          # one image per chunk
+    monkeypatch.setattr(torch_ops, "CPU_CHUNK_BYTES", 1)        # one image per chunk
     assert torch.equal(aug._apply_torch(images, p), whole)
     threads = numba.get_num_threads()
     try:
@@ -212,8 +212,8 @@ def test_blur_of_chosen_rows_equals_identity_kernel_path(images):
     img = chw(images).float().contiguous()
     on = torch.tensor([True, False, True, False, False, True])
     sigma = torch.linspace(0.1, 2.0, N)
-    rows = augment._gaussian_blur(img.clone(), sigma, on, rows_only=True)
-    every = augment._gaussian_blur(img.clone(), sigma, on, rows_only=False)
+    rows = torch_ops._gaussian_blur(img.clone(), sigma, on, rows_only=True)
+    every = torch_ops._gaussian_blur(img.clone(), sigma, on, rows_only=False)
     torch.testing.assert_close(rows, every, atol=1e-3, rtol=0)
     assert torch.equal(rows[~on], img[~on]) and not torch.allclose(rows[on], img[on])
 
@@ -339,3 +339,15 @@ def test_constants_reach_a_gpu_by_a_non_blocking_copy_from_pinned_memory(monkeyp
     assert copies == [(torch.device("cuda", 0), True)] * 3
     assert torch.equal(luma, torch.tensor(augment.LUMA, dtype=torch.float32))
     assert scale.shape == shift.shape == (1, 3, 1, 1)
+
+
+def test_the_cpu_kernel_cache_key_covers_the_pixel_formulas():
+    """The fused CPU kernel inlines fastneg.augment.pixels: an edit there must miss its disk cache."""
+    from fastneg.augment import cpu, pixels
+    from fastneg.kernels import jit
+    cache = cpu.fused_aug_plus._cache
+    if not isinstance(cache, jit._KeyedCache):
+        pytest.skip("no writable Numba cache location")
+    files = [cpu.__file__, *jit.KERNELS_DIR.glob("*.py")]
+    assert cache._cache_file._source_stamp[1] == jit.source_key(files + [pixels.__file__])
+    assert cache._cache_file._source_stamp[1] != jit.source_key(files)

@@ -1,12 +1,14 @@
-"""fastneg.augment_cuda (the fused aug-plus CUDA kernel) under Numba's CUDA simulator, against
+"""fastneg.augment.cuda (the fused aug-plus CUDA kernel) under Numba's CUDA simulator, against
 the fused CPU kernel on the same packed draws. Run in its own process with
 NUMBA_ENABLE_CUDASIM=1 (make test does)."""
 import numpy as np
 import pytest
 import torch
 
-from fastneg import augment, augment_cpu, augment_cuda
-from fastneg.augment import MoCoV2Augment
+from fastneg import augment
+from fastneg.augment import MoCoV2Augment, torch_ops
+from fastneg.augment import cpu as augment_cpu
+from fastneg.augment import cuda as augment_cuda
 
 pytestmark = pytest.mark.cudasim
 
@@ -15,8 +17,8 @@ def _packed(aug, p, h, w):
     """The kernels' inputs, as MoCoV2Augment._apply_fused_cpu packs them."""
     flags = torch.stack([p.flip, p.jitter_on, p.gray, p.blur_on], 1).to(torch.uint8).numpy()
     factors = torch.stack([p.brightness, p.contrast, p.saturation, p.hue], 1).float().numpy()
-    kernel_x = augment._gaussian_kernels(p.sigma.float(), augment.blur_kernel_size(w)).numpy()
-    kernel_y = augment._gaussian_kernels(p.sigma.float(), augment.blur_kernel_size(h)).numpy()
+    kernel_x = torch_ops._gaussian_kernels(p.sigma.float(), augment.blur_kernel_size(w)).numpy()
+    kernel_y = torch_ops._gaussian_kernels(p.sigma.float(), augment.blur_kernel_size(h)).numpy()
     scale, shift = (t.view(3).numpy() for t in aug._normalization(torch.device("cpu")))
     return (flags, factors, p.order.to(torch.int64).contiguous().numpy(), kernel_x, kernel_y,
             np.array(augment.LUMA, np.float32), scale, shift)

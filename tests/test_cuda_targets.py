@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("numba_cuda", reason="numba-cuda (the [cuda] extra) is not installed")
 
-from fastneg import augment_cuda, cuda_targets  # noqa: E402
+from fastneg import cuda_targets  # noqa: E402
+from fastneg.augment import cuda as augment_cuda  # noqa: E402
 
 # registers per SM (and the most one block may use) on sm_80 and sm_90
 REGISTERS_PER_BLOCK = 65536

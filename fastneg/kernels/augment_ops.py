@@ -1,5 +1,5 @@
-"""Constants shared by the two implementations of aug-plus (fastneg.augment's torch path and
-fastneg.augment_cpu's Numba kernel), and by everything that normalizes or un-normalizes images.
+"""Constants shared by the implementations of aug-plus (fastneg.augment's torch path and its
+fused kernels), and by everything that normalizes or un-normalizes images.
 """
 
 # Colour-jitter op ids, as torchvision's ColorJitter fn_idx; a sample's jitter order is a

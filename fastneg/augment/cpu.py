@@ -1,9 +1,9 @@
-"""The CPU path of fastneg.augment: aug-plus on a whole batch in one Numba kernel.
+"""The fused CPU back end of fastneg.augment: aug-plus on a whole batch in one Numba kernel.
 
-The torch path (fastneg.augment, kept for CUDA and as the reference) runs each op as an eager
-pass over the batch; here every sample (prange over the batch) goes through all its ops in at
-most three passes over its pixels, each op working on one planar float32 row [3, W] that stays
-in L1, in loops that LLVM vectorizes (contiguous rows, branches hoisted out of the pixel loops):
+The torch path (fastneg.augment.torch_ops, the reference) runs each op as an eager pass over the
+batch; here every sample (prange over the batch) goes through all its ops in at most three
+passes over its pixels, each op working on one planar float32 row [3, W] that stays in L1, in
+loops that LLVM vectorizes (contiguous rows, branches hoisted out of the pixel loops):
 
     pass 1  (only if contrast is on) the grey mean contrast blends towards: read from the uint8
             input if no op precedes contrast, else load + flip + the preceding ops, rows kept
@@ -16,8 +16,8 @@ Both blur passes run each tap as one loop over the three planes of a row laid en
 third of the loop starts of one loop per plane, ~12% less CPU per view; the sums are the same).
 
 Input uint8 [N, H, W, 3] is read directly (no float copy of the batch); the output is written
-as float32 NHWC memory, i.e. the [N, 3, H, W] channels_last tensor apply() returns. The formulas
-are the torch path's (torchvision's float formulas, 0..255 scale, a clamp after each blend).
+as float32 NHWC memory, i.e. the [N, 3, H, W] channels_last tensor apply() returns. The pixel
+formulas are fastneg.augment.pixels' (shared with the CUDA kernel), inlined into the row loops.
 Ops at their identity (factor 1, hue shift 0) are skipped: exactly the identity either way.
 """
 from __future__ import annotations
@@ -25,26 +25,21 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from fastneg.kernels.augment_ops import BRIGHTNESS, CONTRAST, HUE, SATURATION
+from fastneg.augment import pixels
+from fastneg.augment.pixels import SIX, ZERO
+from fastneg.kernels.augment_ops import BRIGHTNESS, CONTRAST, SATURATION
 from fastneg.kernels.jit import cached_njit
 
 # Flag columns of the uint8 [N, 4] array fused_aug_plus takes.
 FLIP, JITTER, GRAY, BLUR = range(4)
 
-# float32 constants: a float64 literal would promote the pixel loops to float64 (half the
-# vector width, and results off the torch path's float32 ones).
-_ZERO, _ONE, _TWO, _FOUR, _SIX = (np.float32(v) for v in (0, 1, 2, 4, 6))
-_MAX = np.float32(255)
-_HUE_OFFSETS = (np.float32(5), np.float32(3), np.float32(1))   # HSV -> RGB: n for R, G, B
-
 # contract: FMAs; arcp: x / d as x * (1 / d); nsz: no signed zeros; reassoc: lets the grey sum
 # vectorize. No nnan / ninf: pixel values are finite anyway, and min/max keep their meaning.
 _FASTMATH = {"contract", "arcp", "nsz", "reassoc"}
 
-
-@numba.njit(inline="always", fastmath=_FASTMATH)
-def _clamp(v):
-    return min(max(v, _ZERO), _MAX)
+_PIXELS = pixels.compile_pixels(numba.njit(inline="always", fastmath=_FASTMATH), cuda=False)
+_blend, _grey, _saturation, _hue, _identity, _reflect = (_PIXELS[name] for name in (
+    "_blend", "_grey", "_saturation", "_hue", "_identity", "_reflect"))
 
 
 # The row helpers take each colour plane of a row as its own 1-D array: LLVM vectorizes these
@@ -68,86 +63,58 @@ def _load_row(src, flip, r, g, b):
 
 @numba.njit(inline="always", fastmath=_FASTMATH)
 def _grey_sum(r, g, b, luma):
-    total = _ZERO
+    total = ZERO
     for x in range(r.shape[0]):
-        total += luma[0] * r[x] + luma[1] * g[x] + luma[2] * b[x]
+        total += _grey(r[x], g[x], b[x], luma)
     return total
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH)
 def _grey_sum_u8(src, luma):
-    total = _ZERO
+    total = ZERO
     for x in range(src.shape[0]):
-        total += luma[0] * np.float32(src[x, 0]) + luma[1] * np.float32(src[x, 1]) \
-            + luma[2] * np.float32(src[x, 2])
+        total += _grey(np.float32(src[x, 0]), np.float32(src[x, 1]), np.float32(src[x, 2]),
+                       luma)
     return total
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH)
-def _blend_to(plane, f, ref):
+def _blend_row(plane, f, ref):
     """Brightness (ref 0) and contrast (ref the grey mean) on one plane."""
     for x in range(plane.shape[0]):
-        plane[x] = _clamp(ref + f * (plane[x] - ref))
+        plane[x] = _blend(plane[x], f, ref)
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH)
-def _saturation(r, g, b, f, luma):
-    """Blend towards the pixel's grey; f = 0 is grayscale (exactly: grey + 0 * (x - grey))."""
+def _saturation_row(r, g, b, f, luma):
+    """Blend towards each pixel's grey; f = 0 is grayscale (exactly: grey + 0 * (x - grey))."""
     for x in range(r.shape[0]):
-        grey = luma[0] * r[x] + luma[1] * g[x] + luma[2] * b[x]
-        r[x] = _clamp(grey + f * (r[x] - grey))
-        g[x] = _clamp(grey + f * (g[x] - grey))
-        b[x] = _clamp(grey + f * (b[x] - grey))
+        r[x], g[x], b[x] = _saturation(r[x], g[x], b[x], f, luma)
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH)
-def _hue_channel(h6, offset, mx, chroma):
-    """One channel of HSV -> RGB: max - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6."""
-    k = h6 + offset
-    k = k - _SIX * np.floor(k / _SIX)           # torch.remainder(k, 6)
-    return mx - chroma * min(max(min(k, _FOUR - k), _ZERO), _ONE)
-
-
-@numba.njit(inline="always", fastmath=_FASTMATH)
-def _hue(r, g, b, shift):
-    """Rotate the HSV hue by `shift` turns: the torch path's closed form (see _adjust_hue there)."""
-    shift6 = _SIX * shift
+def _hue_row(r, g, b, shift):
+    """Rotate the HSV hue of each pixel by `shift` turns."""
+    shift6 = SIX * shift
     for x in range(r.shape[0]):
-        red, green, blue = r[x], g[x], b[x]
-        mx = max(max(red, green), blue)
-        chroma = mx - min(min(red, green), blue)
-        denom = chroma if chroma > _ZERO else _ONE
-        if mx == red:
-            h6 = green - blue
-        elif mx == green:
-            h6 = blue - red + _TWO * denom
-        else:
-            h6 = red - green + _FOUR * denom
-        h6 = h6 / denom + shift6
-        r[x] = _hue_channel(h6, _HUE_OFFSETS[0], mx, chroma)
-        g[x] = _hue_channel(h6, _HUE_OFFSETS[1], mx, chroma)
-        b[x] = _hue_channel(h6, _HUE_OFFSETS[2], mx, chroma)
+        r[x], g[x], b[x] = _hue(r[x], g[x], b[x], shift6)
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH)
-def _jitter_op(r, g, b, op, factor, mean, luma):
+def _jitter_row(r, g, b, op, factor, mean, luma):
+    """Jitter op `op` on a row; the branch on op is outside the pixel loops (they vectorize)."""
     if op == BRIGHTNESS:
-        _blend_to(r, factor, _ZERO)
-        _blend_to(g, factor, _ZERO)
-        _blend_to(b, factor, _ZERO)
+        _blend_row(r, factor, ZERO)
+        _blend_row(g, factor, ZERO)
+        _blend_row(b, factor, ZERO)
     elif op == CONTRAST:
-        _blend_to(r, factor, mean)
-        _blend_to(g, factor, mean)
-        _blend_to(b, factor, mean)
+        _blend_row(r, factor, mean)
+        _blend_row(g, factor, mean)
+        _blend_row(b, factor, mean)
     elif op == SATURATION:
-        _saturation(r, g, b, factor, luma)
+        _saturation_row(r, g, b, factor, luma)
     else:
-        _hue(r, g, b, factor)
-
-
-@numba.njit(inline="always", fastmath=_FASTMATH)
-def _identity(op, factor):
-    return factor == (_ZERO if op == HUE else _ONE)
+        _hue_row(r, g, b, factor)
 
 
 @numba.njit(inline="always", fastmath=_FASTMATH)
@@ -179,7 +146,7 @@ def _blur_row(row, weights, padded, blurred):
             padded[base + r + w + j] = plane[w - 2 - j]
     n = 3 * span - 2 * r                    # outputs whose taps stay inside padded
     for x in range(n):
-        blurred[x] = _ZERO
+        blurred[x] = ZERO
     for k in range(weights.shape[0]):       # outer over taps: the inner loop is a row FMA
         wk = weights[k]
         for x in range(n):
@@ -196,20 +163,16 @@ def _blur_columns_flat(acc, image, y, weights):
     """acc [3 * W] = row y of image [H, 3 * W] (three planes end to end), blurred vertically."""
     h = image.shape[0]
     r = weights.shape[0] // 2
-    acc[:] = _ZERO
+    acc[:] = ZERO
     for k in range(weights.shape[0]):
-        src = y + k - r
-        if src < 0:
-            src = -src
-        elif src >= h:
-            src = 2 * (h - 1) - src
         wk = weights[k]
-        row = image[src]
+        row = image[_reflect(y + k - r, h)]
         for x in range(acc.shape[0]):
             acc[x] += wk * row[x]
 
 
-@cached_njit(parallel=True, fastmath=_FASTMATH)
+# the kernel inlines fastneg.augment.pixels: its source is part of the cache key
+@cached_njit(parallel=True, fastmath=_FASTMATH, depends=(pixels,))
 def fused_aug_plus(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, scratch,
                    out):
     """aug-plus of uint8 x [N, H, W, 3] into float32 out [N, H, W, 3] (= NCHW channels_last).
@@ -235,7 +198,7 @@ def fused_aug_plus(x, flags, factors, order, kernel_x, kernel_y, luma, scale, sh
                     at_contrast = j
                     break
                 before_contrast |= not _identity(op, factors[i, op])
-        mean = _ZERO
+        mean = ZERO
         first_op = 0                   # the first jitter position pass 2 applies
         if at_contrast >= 0:
             total = 0.0                # float64 across rows, float32 (vectorized) within one
@@ -246,7 +209,7 @@ def fused_aug_plus(x, flags, factors, order, kernel_x, kernel_y, luma, scale, sh
                     for j in range(at_contrast):
                         op = order[i, j]
                         if not _identity(op, factors[i, op]):
-                            _jitter_op(r, g, b, op, factors[i, op], mean, luma)
+                            _jitter_row(r, g, b, op, factors[i, op], mean, luma)
                     total += _grey_sum(r, g, b, luma)
                 else:
                     total += _grey_sum_u8(x[i, y], luma)    # flip does not change a mean
@@ -263,9 +226,9 @@ def fused_aug_plus(x, flags, factors, order, kernel_x, kernel_y, luma, scale, sh
                 for j in range(first_op, 4):
                     op = order[i, j]
                     if not _identity(op, factors[i, op]):
-                        _jitter_op(r, g, b, op, factors[i, op], mean, luma)
+                        _jitter_row(r, g, b, op, factors[i, op], mean, luma)
             if flags[i, GRAY] != 0:
-                _saturation(r, g, b, _ZERO, luma)
+                _saturation_row(r, g, b, ZERO, luma)
             if blur:
                 _blur_row(image[y], kernel_x[i], padded, blurred)
             else:
@@ -276,3 +239,17 @@ def fused_aug_plus(x, flags, factors, order, kernel_x, kernel_y, luma, scale, sh
             for y in range(h):
                 _blur_columns_flat(acc, rows, y, kernel_y[i])
                 _store_row(acc[:w], acc[w:2 * w], acc[2 * w:], scale, shift, out[i, y])
+
+
+def fused_aug_plus_cpu(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift):
+    """fused_aug_plus on numpy arrays (as it takes them) into a new float32 [N, H, W, 3] array,
+    with its scratch (one image per Numba thread)."""
+    from fastneg.host import keep_freed_memory_once
+    keep_freed_memory_once()    # the outputs below reuse freed pages, call after call
+    n, h, w, _ = x.shape
+    # numpy asks the kernel for transparent huge pages on large arrays, torch.empty does not:
+    # first-touch page faults on the fresh output cost ~2x less (measured, 224 px batches)
+    out = np.empty((n, h, w, 3), np.float32)
+    scratch = np.empty((numba.get_num_threads(), h, 3, w), np.float32)
+    fused_aug_plus(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, scratch, out)
+    return out

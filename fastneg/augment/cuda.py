@@ -1,6 +1,7 @@
-"""The CUDA path of fastneg.augment: aug-plus on a whole batch in one Numba CUDA kernel, the GPU
-twin of fastneg.augment_cpu (same inputs, same formulas, same op order; results agree within
-float rounding). fastneg.augment's batched torch ops stay the reference.
+"""The fused CUDA back end of fastneg.augment: aug-plus on a whole batch in one Numba CUDA kernel,
+the GPU twin of fastneg.augment.cpu (same inputs, the same pixel formulas from
+fastneg.augment.pixels, same op order; results agree within float rounding).
+fastneg.augment.torch_ops stays the reference.
 
 One launch per view-batch; one thread block per sample (grid-stride over the batch), its threads
 over the sample's pixels:
@@ -22,13 +23,14 @@ numba.cuda is imported only when the kernel is first needed.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
-from fastneg.kernels.augment_ops import BRIGHTNESS, CONTRAST, HUE, SATURATION
+from fastneg.augment import pixels
+from fastneg.augment.pixels import ZERO
+from fastneg.kernels.augment_ops import CONTRAST, SATURATION
 
-# Flag columns of the uint8 [N, 4] flags array, as in fastneg.augment_cpu.
+# Flag columns of the uint8 [N, 4] flags array, as in fastneg.augment.cpu.
 FLIP, JITTER, GRAY, BLUR = range(4)
 THREADS = 512           # threads per block (the default launch; at most this many). At the
                         # kernel's 96 registers (sm_90, ptxas; docs/gpu.md) one block fits
@@ -38,85 +40,33 @@ MAX_WIDTH = 1024        # the shared row buffer holds 3 planes of this many floa
 # `3 * MAX_WIDTH` written in the kernel types as int64 and fails type inference on a real target.
 ROW_FLOATS = 3 * MAX_WIDTH
 
-_ZERO, _ONE, _TWO, _FOUR, _SIX = (np.float32(v) for v in (0, 1, 2, 4, 6))
-_MAX = np.float32(255)
 
-
-# Device-function sources: plain Python compiled by cuda_kernel() with the globals bound there.
-def _clamp(v):
-    return min(max(v, _ZERO), _MAX)
-
-
-def _identity(op, factor):
-    return factor == (_ZERO if op == HUE else _ONE)
-
-
-def _hue_channel(h6, offset, mx, chroma):
-    k = h6 + offset
-    k = k - _SIX * np.float32(math.floor(k / _SIX))   # torch.remainder(k, 6)
-    return mx - chroma * min(max(min(k, _FOUR - k), _ZERO), _ONE)
-
-
-def _jitter_op(r, g, b, op, f, mean, luma):
-    """(r, g, b) after jitter op `op` with factor (or hue shift) f: augment_cpu's formulas."""
-    if op == BRIGHTNESS:
-        return (_clamp(_ZERO + f * (r - _ZERO)), _clamp(_ZERO + f * (g - _ZERO)),
-                _clamp(_ZERO + f * (b - _ZERO)))
-    if op == CONTRAST:
-        return (_clamp(mean + f * (r - mean)), _clamp(mean + f * (g - mean)),
-                _clamp(mean + f * (b - mean)))
-    if op == SATURATION:
-        grey = luma[0] * r + luma[1] * g + luma[2] * b
-        return (_clamp(grey + f * (r - grey)), _clamp(grey + f * (g - grey)),
-                _clamp(grey + f * (b - grey)))
-    mx = max(max(r, g), b)
-    chroma = mx - min(min(r, g), b)
-    denom = chroma if chroma > _ZERO else _ONE
-    if mx == r:
-        h6 = g - b
-    elif mx == g:
-        h6 = b - r + _TWO * denom
-    else:
-        h6 = r - g + _FOUR * denom
-    h6 = h6 / denom + _SIX * f
-    return (_hue_channel(h6, np.float32(5), mx, chroma),
-            _hue_channel(h6, np.float32(3), mx, chroma),
-            _hue_channel(h6, np.float32(1), mx, chroma))
-
-
-def _reflect(i, n):
-    """Index i of a reflect-padded axis of length n (-1 -> 1, n -> n - 2; |overhang| < n)."""
-    if i < 0:
-        return -i
-    if i >= n:
-        return 2 * (n - 1) - i
-    return i
-
-
+# Kernel source: plain Python compiled by cuda_kernel_source(), which binds `cuda` and the
+# device functions of fastneg.augment.pixels (_identity, _jitter, _grey, _reflect) as its globals.
 def _kernel(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, scratch, out):
     """aug-plus of uint8 x [N, H, W, 3] into float32 out [N, H, W, 3]; arguments as
-    augment_cpu.fused_aug_plus, scratch float32 [N, H, 3, W] (rows of blurred samples)."""
+    fastneg.augment.cpu.fused_aug_plus, scratch float32 [N, H, 3, W] (rows of blurred samples)."""
     n, h, w = x.shape[0], x.shape[1], x.shape[2]
     tid = cuda.threadIdx.x  # noqa: F821
     threads = cuda.blockDim.x  # noqa: F821
     partial = cuda.shared.array(THREADS, np.float64)  # noqa: F821
     row = cuda.shared.array(ROW_FLOATS, np.float32)  # noqa: F821
-    pixels = h * w
+    n_pixels = h * w
     for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):  # noqa: F821
         flip = flags[i, FLIP] != 0
         jitter = flags[i, JITTER] != 0
         gray = flags[i, GRAY] != 0
         blur = flags[i, BLUR] != 0
         at_contrast = -1
-        if jitter and not _identity_dev(CONTRAST, factors[i, CONTRAST]):  # noqa: F821
+        if jitter and not _identity(CONTRAST, factors[i, CONTRAST]):  # noqa: F821
             for j in range(4):
                 if order[i, j] == CONTRAST:
                     at_contrast = j
         # pass 1: the grey mean of the image as it stands before contrast
-        mean = _ZERO
+        mean = ZERO
         if at_contrast >= 0:
             total = 0.0
-            for p in range(tid, pixels, threads):
+            for p in range(tid, n_pixels, threads):
                 y = p // w
                 c0 = p - y * w
                 r = np.float32(x[i, y, c0, 0])
@@ -125,9 +75,9 @@ def _kernel(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, sc
                 for j in range(at_contrast):
                     op = order[i, j]
                     f = factors[i, op]
-                    if not _identity_dev(op, f):  # noqa: F821
-                        r, g, b = _jitter_dev(r, g, b, op, f, _ZERO, luma)  # noqa: F821
-                total += luma[0] * r + luma[1] * g + luma[2] * b
+                    if not _identity(op, f):  # noqa: F821
+                        r, g, b = _jitter(r, g, b, op, f, ZERO, luma)  # noqa: F821
+                total += _grey(r, g, b, luma)  # noqa: F821
             partial[tid] = total
             cuda.syncthreads()  # noqa: F821
             if tid == 0:
@@ -136,10 +86,10 @@ def _kernel(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, sc
                     s += partial[t]
                 partial[0] = s
             cuda.syncthreads()  # noqa: F821
-            mean = np.float32(partial[0] / pixels)
+            mean = np.float32(partial[0] / n_pixels)
             cuda.syncthreads()  # noqa: F821   (partial is reused by the next sample)
         # pass 2: every op but the blur, per pixel
-        for p in range(tid, pixels, threads):
+        for p in range(tid, n_pixels, threads):
             y = p // w
             c0 = p - y * w
             src = w - 1 - c0 if flip else c0
@@ -150,10 +100,10 @@ def _kernel(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, sc
                 for j in range(4):
                     op = order[i, j]
                     f = factors[i, op]
-                    if not _identity_dev(op, f):  # noqa: F821
-                        r, g, b = _jitter_dev(r, g, b, op, f, mean, luma)  # noqa: F821
+                    if not _identity(op, f):  # noqa: F821
+                        r, g, b = _jitter(r, g, b, op, f, mean, luma)  # noqa: F821
             if gray:
-                r, g, b = _jitter_dev(r, g, b, SATURATION, _ZERO, mean, luma)  # noqa: F821
+                r, g, b = _jitter(r, g, b, SATURATION, ZERO, mean, luma)  # noqa: F821
             if blur:
                 scratch[i, y, 0, c0] = r
                 scratch[i, y, 1, c0] = g
@@ -176,22 +126,22 @@ def _kernel(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, sc
             for t in range(tid, 3 * w, threads):
                 c = t // w
                 c0 = t - c * w
-                acc = _ZERO
+                acc = ZERO
                 for k in range(kw):
-                    acc += kernel_x[i, k] * row[c * w + _reflect_dev(c0 + k - rx, w)]  # noqa: F821
+                    acc += kernel_x[i, k] * row[c * w + _reflect(c0 + k - rx, w)]  # noqa: F821
                 scratch[i, y, c, c0] = acc
             cuda.syncthreads()  # noqa: F821
         # pass 3b: vertical blur and normalize
         kh = kernel_y.shape[1]
         ry = kh // 2
-        for t in range(tid, 3 * pixels, threads):
+        for t in range(tid, 3 * n_pixels, threads):
             y = t // (3 * w)
             rest = t - y * 3 * w
             c0 = rest // 3
             c = rest - c0 * 3
-            acc = _ZERO
+            acc = ZERO
             for k in range(kh):
-                acc += kernel_y[i, k] * scratch[i, _reflect_dev(y + k - ry, h), c, c0]  # noqa: F821
+                acc += kernel_y[i, k] * scratch[i, _reflect(y + k - ry, h), c, c0]  # noqa: F821
             out[i, y, c0, c] = acc * scale[c] + shift[c]
         cuda.syncthreads()  # noqa: F821   (the next sample may reuse shared memory)
 
@@ -202,13 +152,7 @@ def cuda_kernel_source():
     from numba import cuda
 
     from fastneg.kernels import rng
-    device = rng.cuda_device_jit()
-    names = {"cuda": cuda}
-    names["_clamp"] = device(rng._rebind(_clamp, names))
-    names["_identity_dev"] = device(rng._rebind(_identity, names))
-    names["_hue_channel"] = device(rng._rebind(_hue_channel, names))
-    names["_jitter_dev"] = device(rng._rebind(_jitter_op, names))
-    names["_reflect_dev"] = device(rng._rebind(_reflect, names))
+    names = {"cuda": cuda, **pixels.compile_pixels(rng.cuda_device_jit(), cuda=True)}
     return rng._rebind(_kernel, names)
 
 
@@ -223,7 +167,7 @@ def launch(x, flags, factors, order, kernel_x, kernel_y, luma, scale, shift, scr
            stream=0, blocks=None, threads=THREADS):
     """Launch the kernel on cuda-array-likes (torch via as_cuda_array, or simulator arrays).
 
-    Shapes as augment_cpu.fused_aug_plus, plus scratch float32 [N, H, 3, W]; W <= MAX_WIDTH.
+    Shapes as fastneg.augment.cpu.fused_aug_plus, plus scratch float32 [N, H, 3, W]; W <= MAX_WIDTH.
     blocks: default one per sample (up to 65535, then grid-stride); threads <= THREADS.
     """
     n, w = x.shape[0], x.shape[2]
@@ -242,7 +186,7 @@ def fused_aug_plus_cuda(x, flags, factors, order, kernel_x, kernel_y, luma, scal
     """The kernel on CUDA torch tensors, on torch's current stream, without host syncs.
 
     x uint8 [N, H, W, 3] on one CUDA device (any strides); the rest on that device, as
-    augment_cpu.fused_aug_plus takes them. Returns float32 [N, H, W, 3] (contiguous).
+    fastneg.augment.cpu.fused_aug_plus takes them. Returns float32 [N, H, W, 3] (contiguous).
     """
     import torch
     from numba import cuda

@@ -1,7 +1,7 @@
-"""MoCo-v2 "aug-plus" photometric augmentation on whole batches, on any device.
+"""MoCoV2Augment: MoCo-v2 "aug-plus" after the crop, on whole batches, on any device.
 
-Loaders hand over geometric crops (uint8 [N, H, W, 3]); this module does everything else that
-aug-plus does to the pixels, per sample and for the whole batch at once:
+Loaders hand over geometric crops (uint8 [N, H, W, 3]); MoCoV2Augment does everything else
+that aug-plus does to the pixels, per sample and for the whole batch at once:
 
     horizontal flip (p 0.5)
     ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4, hue 0.1) with p 0.8, the four ops
@@ -10,30 +10,29 @@ aug-plus does to the pixels, per sample and for the whole batch at once:
     Gaussian blur (p 0.5, sigma ~ U[0.1, 2.0], odd kernel ~10% of the side, separable, reflect)
     normalize (ImageNet mean/std) -> [N, 3, H, W], channels_last memory
 
-Three implementations of the same formulas: on CPU tensors one fused Numba kernel
-(fastneg.augment_cpu, every op of a sample in at most three passes over its pixels); on CUDA
-tensors its GPU twin (fastneg.augment_cuda, one Numba CUDA launch per batch); on other devices
-batched torch ops (below), which are also the reference both kernels are tested against.
-
     aug = MoCoV2Augment()
     params = aug.sample(n, seed=seed, step=step, view=0, device=x.device)   # the draws, as tensors
     q = aug.apply(x, params)        # [N, 3, H, W]; the query's texture NS: aug.apply(tex, params)
 
-Draws: every random number comes from fastneg.kernels.rng, u32 = mix(seed, step, sample, slot)
-with sample = `first + row` and slot = slot(STREAM_AUGMENT, view * SLOTS_PER_VIEW + k); k is one
-of the _COL_* constants below. Give each view of a pair its own `view` and each DDP rank its own
-`first` (e.g. rank * n), so that no two images ever share draws unless asked to.
+Draws (sample()): every random number comes from fastneg.kernels.rng, u32 = mix(seed, step,
+sample, slot) with sample = `first + row` and slot = slot(STREAM_AUGMENT, view * SLOTS_PER_VIEW
++ k); k is one of the _COL_* constants below. Give each view of a pair its own `view` and each
+DDP rank its own `first` (e.g. rank * n), so that no two images ever share draws unless asked to.
+
+Pixels (apply()), three back ends of the same formulas, chosen by the images' device:
+    CPU     fastneg.augment.cpu: one fused Numba kernel, each sample in at most three passes
+    CUDA    fastneg.augment.cuda: one fused Numba CUDA launch per batch on torch's current
+            stream (images wider than its MAX_WIDTH take the torch path)
+    other   fastneg.augment.torch_ops: batched torch ops, the reference both kernels are
+            tested against
+The two kernels share their per-pixel formulas (fastneg.augment.pixels).
 
 Numerics: each op follows torchvision.transforms.v2's float formulas (values clamped to the
-valid range after every jitter op, as torchvision does), computed in float32 without the
-uint8 rounding that torchvision applies between ops on uint8 images; the difference is below
-one grey level per op. Pixels stay on the 0..255 scale throughout (every op is scale-invariant
-apart from its clamp bound), so the uint8->float step is a bare copy and 1/255 folds into the
-normalization. In the torch path, samples without jitter still pass the batch's hue pass with a
-zero shift, which is the identity up to float rounding (~1e-6 of the range); the kernels skip
-ops at their identity. In the torch path on CUDA the blur is a cuDNN convolution and follows
-torch.backends.cudnn.allow_tf32 (on by default in PyTorch: TF32 rounds to ~5e-4 relative, a
-tenth of a grey level).
+valid range after every jitter op, as torchvision does), computed in float32 on the 0..255 scale
+(1/255 folds into the normalization) without the uint8 rounding torchvision applies between ops
+on uint8 images: the difference is below one grey level per op. The kernels skip ops at their
+identity (exactly the identity); the torch path's exceptions are in its module doc. Output in
+float32, bfloat16 or float16 (one cast after the float32 work).
 """
 from __future__ import annotations
 
@@ -43,14 +42,14 @@ from dataclasses import dataclass, fields
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from fastneg.augment import torch_ops
+from fastneg.augment.torch_ops import _gaussian_kernels, blur_kernel_size
 from fastneg.kernels import rng
-from fastneg.kernels.augment_ops import (CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, LUMA,
-                                         SATURATION)
+from fastneg.kernels.augment_ops import IMAGENET_MEAN, IMAGENET_STD, LUMA
 from fastneg.kernels.jit import cached_njit
+
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BLUR_KERNEL_FRACTION = 0.1               # kernel ~10% of the side (SimCLR / MoCo-v2: 23 at 224)
 
 # Slot k of each draw within one view; column k of the packed array that sample() fills.
 _COL_FLIP, _COL_JITTER, _COL_BRIGHTNESS, _COL_CONTRAST, _COL_SATURATION, _COL_HUE = range(6)
@@ -59,10 +58,6 @@ _COL_GRAY, _COL_BLUR, _COL_SIGMA = 10, 11, 12
 _COLUMNS = 13
 SLOTS_PER_VIEW = 16                      # room for a few more draws without moving other views
 MAX_VIEWS = (1 << rng.SLOT_BITS) // SLOTS_PER_VIEW
-
-# The torch path on CPU works on chunks of about this many bytes of float32 pixels: a 256-image
-# batch is far larger than the caches, and every eager op would stream it from RAM (~10x slower).
-CPU_CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -137,11 +132,15 @@ def _channels(name, v):
 
 
 class MoCoV2Augment:
-    """MoCo-v2 aug-plus after the crop: draws with sample(), pixels with apply() (see module doc).
+    """MoCo-v2 aug-plus after the crop: the draws with sample() (counter-based, on the host), the
+    pixels with apply() (the back end of the images' device); see the module doc.
 
+    flip_p, jitter_p, gray_p, blur_p: each op's probability per sample (0 turns it off).
     jitter = (brightness, contrast, saturation, hue) strengths as in torchvision's ColorJitter:
-    factors ~ U[max(0, 1 - v), 1 + v] for the first three, shift ~ U[-hue, hue].
-    dtype: output dtype (float32, bfloat16 or float16); the work is float32 on every device.
+    factors ~ U[max(0, 1 - v), 1 + v] for the first three, shift ~ U[-hue, hue] turns.
+    blur_sigma: (min, max) of sigma ~ U[min, max] in pixels. mean, std: per channel (R, G, B),
+    on the 0..1 scale. dtype: output dtype (float32, bfloat16 or float16); the work is float32
+    on every device. Bad settings raise ValueError naming the argument.
     """
 
     def __init__(self, *, flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2,
@@ -211,11 +210,11 @@ class MoCoV2Augment:
     def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
         """uint8 [N, H, W, 3] (any device) -> normalized [N, 3, H, W], channels_last, self.dtype.
 
-        CPU tensors go through one fused Numba kernel (fastneg.augment_cpu; the first call in a
-        process loads or compiles it), CUDA tensors through its GPU twin (fastneg.augment_cuda,
-        one launch per batch on torch's current stream; images wider than its MAX_WIDTH take
-        the torch path); other devices through batched torch ops (_apply_torch, the reference).
-        None of them reads a tensor's values on the host: on CUDA they queue work without syncing.
+        The back end follows x's device (module doc): CPU -> the fused CPU kernel (the first
+        call in a process loads or compiles it), CUDA -> the fused CUDA kernel (torch ops for
+        images wider than its MAX_WIDTH), others -> torch ops. params are moved to x's device
+        if they are elsewhere. No back end reads a tensor's values on the host: on CUDA they
+        queue work without syncing.
         """
         if x.device.type == "cuda":
             return self._apply_fused_cuda(x, self._checked(x, params))
@@ -244,73 +243,40 @@ class MoCoV2Augment:
         return flags, factors, kernel_x, kernel_y
 
     def _apply_fused_cpu(self, x, p):
-        """apply() on CPU tensors: pack the draws, one call of fastneg.augment_cpu's kernel."""
-        from fastneg import augment_cpu    # loaded on the first CPU batch
-        from fastneg.host import keep_freed_memory_once
-        keep_freed_memory_once()    # the outputs below reuse freed pages, call after call
+        """apply() on CPU tensors: the packed draws, one call of the fused CPU kernel."""
+        from fastneg.augment import cpu    # loaded on the first CPU batch
         n, h, w, _ = x.shape
         flags, factors, kernel_x, kernel_y = self._packed_draws(p, h, w)
         scale, shift = (t.view(3).numpy() for t in self._normalization(x.device))
-        # numpy asks the kernel for transparent huge pages on large arrays, torch.empty does not:
-        # first-touch page faults on the fresh output cost ~2x less (measured, 224 px batches)
-        out = np.empty((n, h, w, 3), np.float32)
-        scratch = np.empty((numba.get_num_threads(), h, 3, w), np.float32)   # one image/thread
-        augment_cpu.fused_aug_plus(
+        out = cpu.fused_aug_plus_cpu(
             x.contiguous().numpy(), flags.to(torch.uint8).numpy(), factors.numpy(),
             p.order.to(torch.int64).contiguous().numpy(), kernel_x.numpy(), kernel_y.numpy(),
-            self._luma, scale, shift, scratch, out)
+            self._luma, scale, shift)
         out = torch.from_numpy(out).permute(0, 3, 1, 2)      # NCHW view, channels_last memory
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     def _apply_fused_cuda(self, x, p):
-        """apply() on CUDA tensors: the CPU kernel's packed draws, one fastneg.augment_cuda
-        launch, then the cast to self.dtype."""
-        from fastneg import augment_cuda    # lazily: numba.cuda is only needed for CUDA tensors
+        """apply() on CUDA tensors: the packed draws, one launch of the fused CUDA kernel (torch
+        ops beyond its MAX_WIDTH), then the cast to self.dtype."""
+        from fastneg.augment import cuda    # lazily: numba.cuda is only needed for CUDA tensors
         n, h, w, _ = x.shape
-        if w > augment_cuda.MAX_WIDTH:
+        if w > cuda.MAX_WIDTH:
             return self._apply_torch(x, p)
         flags, factors, kernel_x, kernel_y = self._packed_draws(p, h, w)
         scale, shift = (t.view(3) for t in self._normalization(x.device))
         luma = self._constants.get((x.device, "luma"))
         if luma is None:
             luma = self._constants[(x.device, "luma")] = to_device(LUMA, x.device)
-        out = augment_cuda.fused_aug_plus_cuda(
+        out = cuda.fused_aug_plus_cuda(
             x, flags.to(torch.uint8), factors.contiguous(), p.order.to(torch.int64).contiguous(),
             kernel_x, kernel_y, luma, scale, shift)
         out = out.permute(0, 3, 1, 2)                  # NCHW view, channels_last memory
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     def _apply_torch(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
-        """apply() as batched torch ops on any device: the CUDA path, and the reference the
-        fused CPU kernel is tested against."""
-        params = self._checked(x, params)
-        n, h, w, _ = x.shape
-        out = torch.empty((n, 3, h, w), dtype=self.dtype, device=x.device,
-                          memory_format=torch.channels_last)
-        chunk = max(1, n if x.device.type != "cpu" else CPU_CHUNK_BYTES // (12 * h * w))
-        for start in range(0, n, chunk):
-            rows = slice(start, min(n, start + chunk))
-            self._apply_chunk(x[rows], params[rows], out[rows])
-        return out
-
-    def _apply_chunk(self, x, p, out):
-        n, h, w, _ = x.shape
-        img = torch.empty((n, 3, h, w), dtype=torch.float32, device=x.device)
-        img.copy_(x.permute(0, 3, 1, 2))          # planar float on the 0..255 scale
-        # Every later op commutes with a horizontal flip (pixel-wise, image means, symmetric
-        # blur with symmetric padding), so flip here; planar rows make it a cheap reversal.
-        if self.flip_p > 0:
-            img = torch.where(p.flip.view(n, 1, 1, 1), img.flip(3), img)
-        if self.jitter_p > 0:
-            img = self._jitter(img, p)
-        if self.gray_p > 0:
-            one = torch.ones_like(p.sigma)
-            img = _blend(img, torch.where(p.gray, 0.0, one), gray_w=one, mean_w=one * 0)
-        if self.blur_p > 0:
-            img = _gaussian_blur(img, p.sigma, p.blur_on, rows_only=x.device.type == "cpu")
-        scale, shift = self._normalization(x.device)
-        # (x/255 - mean)/std, written straight into the channels_last output of the final dtype
-        torch.addcmul(shift, img, scale, out=out)
+        """apply() as batched torch ops on any device (fastneg.augment.torch_ops): the path of
+        devices other than CPU and CUDA, and the reference the fused kernels are tested against."""
+        return torch_ops.apply_torch(self, x, self._checked(x, params))
 
     def _normalization(self, device):
         """(scale, shift) [1, 3, 1, 1] on `device`, copied there once (a copy per call would
@@ -322,34 +288,6 @@ class MoCoV2Augment:
                                             for v in (scale, shift))
         return self._constants[device]
 
-    def _jitter(self, img, p):
-        """ColorJitter with a per-sample order, without a loop over samples.
-
-        Brightness, contrast and saturation are all blends f * x + (1 - f) * ref (ref = 0, the
-        grey mean, the grey image), so one blend pass can apply a different op to each sample.
-        Hue (an HSV round trip, ~6x the cost of a blend) runs once for the whole batch; each
-        sample applies the ops that precede its hue in three blend passes before it and the
-        ops that follow in three after it: 6 blends + 1 hue instead of 4 x (blend + hue).
-        """
-        n = img.shape[0]
-        one = torch.ones_like(p.brightness)
-        factor_of_op = torch.stack([p.brightness, p.contrast, p.saturation, one], 1)
-        factor = factor_of_op.gather(1, p.order)                     # [N, 4], by position
-        gray_w = (p.order == SATURATION).float()
-        mean_w = (p.order == CONTRAST).float()
-        hue_at = (p.order == HUE).long().argmax(1, keepdim=True)     # [N, 1]
-        position = torch.arange(4, device=img.device).view(1, 4)
-        before = p.jitter_on.view(n, 1) & (position < hue_at)
-        after = p.jitter_on.view(n, 1) & (position > hue_at)
-        for j in range(3):
-            img = _blend(img, torch.where(before[:, j], factor[:, j], one),
-                         gray_w[:, j], mean_w[:, j])
-        if self.jitter[3] > 0:
-            img = _adjust_hue(img, torch.where(p.jitter_on, p.hue, 0.0))
-        for j in range(1, 4):
-            img = _blend(img, torch.where(after[:, j], factor[:, j], one),
-                         gray_w[:, j], mean_w[:, j])
-        return img
 
 
 def to_device(values, device) -> torch.Tensor:
@@ -381,88 +319,3 @@ def _check_images(x) -> tuple[int, int, int]:
     return n, h, w
 
 
-def _blend(img, factor, gray_w, mean_w, bound=255.0):
-    """clamp(f * img + (1 - f) * ref) with ref = gray_w * grey + mean_w * mean(grey), per sample.
-
-    f = brightness factor with weights (0, 0); contrast (0, 1); saturation (1, 0); f = 1 is
-    the identity (exactly: 1 * x + 0 * ref == x), f = 0 with (1, 0) is grayscale.
-    """
-    n = img.shape[0]
-    r, g, b = img.unbind(1)
-    grey = r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
-    mean = grey.mean((2, 3), keepdim=True)
-    ref = torch.addcmul(mean * mean_w.view(n, 1, 1, 1), grey, gray_w.view(n, 1, 1, 1))
-    return torch.lerp(ref.expand_as(img), img, factor.view(n, 1, 1, 1)).clamp_(0.0, bound)
-
-
-def _adjust_hue(img, shift):
-    """Rotate the HSV hue of each sample by `shift` turns (torchvision's adjust_hue).
-
-    H, S, V round trip without the S and V channels: V = max and V * S = max - min survive the
-    rotation, and each output channel is max - chroma * clamp(min(k, 4 - k), 0, 1) with
-    k = (n + 6 h) mod 6, n = 5, 3, 1 for R, G, B (the standard closed form of HSV -> RGB).
-    """
-    n = img.shape[0]
-    r, g, b = img.unbind(1)
-    mx = torch.maximum(r, g)                     # elementwise: ~20x faster than aminmax(dim=1)
-    mx = torch.maximum(mx, b, out=mx)
-    mn = torch.minimum(r, g)
-    mn = torch.minimum(mn, b, out=mn)
-    chroma = mx - mn
-    denom = torch.where(chroma > 0, chroma, 1.0)     # grey pixels: any hue gives max
-    # hue * 6 in [-1, 5), torchvision's sector rule (red first, then green, then blue)
-    h6 = torch.where(mx == r, g - b, torch.where(mx == g, b - r + 2 * denom, r - g + 4 * denom))
-    h6 = h6.div_(denom).add_(6 * shift.view(n, 1, 1))
-    out = torch.empty_like(img)
-    for c, offset in enumerate((5.0, 3.0, 1.0)):
-        k = torch.remainder(h6 + offset, 6.0)
-        ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        torch.addcmul(mx, chroma, ramp, value=-1.0, out=out[:, c])
-    return out
-
-
-def blur_kernel_size(side: int) -> int:
-    """Odd kernel length for an image side: ~10% of it, at least 3 (its reflect padding,
-    size // 2, then stays below the side for any side >= 2)."""
-    return max(3, int(side * BLUR_KERNEL_FRACTION) | 1)
-
-
-def _gaussian_kernels(sigma, size):
-    """[N, size] normalized 1-D Gaussians (torchvision's gaussian_blur kernel)."""
-    x = torch.arange(size, device=sigma.device, dtype=torch.float32) - (size - 1) / 2
-    return torch.softmax(-0.5 * (x.view(1, -1) / sigma.view(-1, 1)) ** 2, dim=1)
-
-
-def _gaussian_blur(img, sigma, on, *, rows_only):
-    """Separable Gaussian blur with a per-sample sigma where `on`, reflect padding.
-
-    rows_only: blur just the chosen rows (needs their indices on the host: fine on CPU, where
-    it halves the work); otherwise blur every row, with an identity kernel where off (no sync).
-    """
-    if rows_only:
-        rows = on.nonzero().squeeze(1)
-        if rows.numel():
-            img[rows] = _separable_blur(img[rows], sigma[rows], None)
-        return img
-    return _separable_blur(img, sigma, on)
-
-
-def _separable_blur(img, sigma, on):
-    """Grouped (depthwise) convolution: one group per (sample, channel), rows then columns."""
-    n, c, h, w = img.shape
-    planes = img.reshape(1, n * c, h, w)
-    for axis, side in ((3, w), (2, h)):
-        size = blur_kernel_size(side)
-        kernels = _gaussian_kernels(sigma, size)
-        if on is not None:
-            identity = (torch.arange(size, device=img.device) == size // 2).float()
-            kernels = torch.where(on.view(n, 1), kernels, identity)
-        kernels = kernels.repeat_interleave(c, 0)
-        r = size // 2
-        if axis == 3:
-            planes = F.conv2d(F.pad(planes, (r, r, 0, 0), mode="reflect"),
-                              kernels.view(n * c, 1, 1, size), groups=n * c)
-        else:
-            planes = F.conv2d(F.pad(planes, (0, 0, r, r), mode="reflect"),
-                              kernels.view(n * c, 1, size, 1), groups=n * c)
-    return planes.view(n, c, h, w)
