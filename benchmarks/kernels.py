@@ -31,7 +31,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 # First, before torch: importing fastneg makes idle OpenMP threads sleep instead of spinning
@@ -41,97 +40,14 @@ import torch  # noqa: E402
 import torchvision.transforms.v2.functional as TF  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
+from fastneg.benchmarking.timing import (alternate, cache_evictor,  # noqa: E402
+                                        seconds_per_call)
 from fastneg.kernels import patch_negatives, reference, sample_textures  # noqa: E402
 from fastneg.kernels.textures import draw_texture_params  # noqa: E402
 
 BANK_SIZE = 64          # textures in the bank
 BANK_SIDE = 224
 ANCHOR_REPEATS = 3      # the anchors are slow and only set the scale: a median of three
-
-
-SPIN_SECONDS = 0.005    # GPU busy-wait queued ahead of each timed CUDA measurement
-
-
-def _spin_cycles(device) -> int:
-    """GPU clock cycles that last about SPIN_SECONDS on `device`."""
-    try:
-        rate_khz = torch.cuda.get_device_properties(device).clock_rate
-    except AttributeError:          # torch builds without the field: assume 2 GHz
-        rate_khz = 2_000_000
-    return int(SPIN_SECONDS * rate_khz * 1e3)
-
-
-def timed_calls(fn, device, inner) -> tuple[float, float]:
-    """(device seconds per call, host seconds per call) over `inner` back-to-back calls of fn
-    (module docstring). On CPU both are the wall time per call."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        wall = (time.perf_counter() - t0) / inner
-        return wall, wall
-    with torch.cuda.device(device):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(_spin_cycles(device))   # the GPU is busy while the calls are queued
-        start.record()
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        host = (time.perf_counter() - t0) / inner
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / inner, host
-
-
-def seconds_per_call(fn, device, inner) -> float:
-    """Wall seconds per call of fn over `inner` calls, queued device work included."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / inner
-
-
-def alternate(pair, device, repeats, inner, before=None):
-    """[(median device seconds, median host seconds) per call] for each function of `pair`,
-    measured in alternation; before(), when given, runs untimed ahead of every measurement."""
-    times = [[], []]
-    for fn in pair:                                   # warm-up: JIT compile, allocator
-        fn()
-    for _ in range(repeats):
-        for k, fn in enumerate(pair):
-            if before is not None:
-                before()
-            times[k].append(timed_calls(fn, device, inner))
-    return [(statistics.median(t[0] for t in runs), statistics.median(t[1] for t in runs))
-            for runs in times]
-
-
-def last_level_cache_bytes() -> int | None:
-    """Size of this CPU's largest cache in bytes (Linux sysfs), or None where unknown."""
-    sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = path.read_text().strip().upper()
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-        digits = text.rstrip("KMG")
-        if digits.isdigit():
-            sizes.append(int(digits) * scale)
-    return max(sizes, default=None)
-
-
-def cache_evictor(device):
-    """A function that pushes every earlier tensor out of the caches (CPU: the last-level cache;
-    CUDA: L2) by writing a buffer four times their size, at least 128 MB."""
-    if device.type == "cuda":
-        cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
-    else:
-        cache = last_level_cache_bytes() or 0
-    junk = torch.empty(max(4 * cache, 128 << 20), dtype=torch.uint8, device=device)
-    return lambda: junk.fill_(1)
 
 
 def patch_anchor(x, layout, samples, repeats):

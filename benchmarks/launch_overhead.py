@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from throughput import hardware
+from fastneg.benchmarking.common import hardware
 
 LAYERS = ("omp", "tbb", "workqueue")
 

@@ -29,12 +29,14 @@ from pathlib import Path
 import fastneg  # noqa: E402,F401
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import (BANK_DIR, LOADERS, NEGATIVES, TEXTURE_BETON,  # noqa: E402
-                        FastnegBatches, ProcessTree, comma_list, non_negative, positive,
-                        prepare_ffcv, resolve_device, write_texture_bank)
+from fastneg.benchmarking.common import (ProcessTree, comma_list,  # noqa: E402
+                                         non_negative, positive, resolve_device)
+from fastneg.benchmarking.data import (BANK_DIR, LOADERS, NEGATIVES,  # noqa: E402
+                                       TEXTURE_BETON, FastnegBatches, default_data,
+                                       prepare_ffcv, write_texture_bank)
 
 PRECISIONS = ("bf16", "fp32")
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"   # the checkout's data/ (default_data)
 CONVERT_TIMEOUT_S = 600   # one .beton conversion of the dataset, cached next to it
 
 
@@ -158,8 +160,7 @@ def main(argv=None) -> int:
         if args.json is not None and not args.json.parent.is_dir():
             raise FileNotFoundError(f"output folder {args.json.parent} does not exist")
         if not args.no_loaders:
-            from throughput import default_data
-            args.data = (args.data or default_data()).resolve()
+            args.data = (args.data or default_data(DATA_ROOT)).resolve()
             from fastneg.data.imagefolder import scan_image_folder
             scan_image_folder(args.data)
         model, opt = build_model(args, device)

@@ -12,8 +12,9 @@ fastneg.host.keep_freed_memory() called first).
 
 Measured in each:
 1. patch_negatives into a preallocated output as a fraction of out.copy_(x) on float32 NCHW
-   256 x 3 x 224 x 224 and uint8 NHWC 256 x 224 x 224 x 3, from memory (throughput.patch_vs_copy:
-   caches evicted before each call, median over trials on fresh tensors);
+   256 x 3 x 224 x 224 and uint8 NHWC 256 x 224 x 224 x 3, from memory
+   (fastneg.benchmarking.timing.patch_vs_copy: caches evicted before each call, median over
+   trials on fresh tensors);
 2. the loop a user writes: build_loader("torch") + MoCoV2Augment on both views +
    patch_negatives of the query, img/s over --batches batches after 2 warm-up, and the bare
    loader's img/s in the same process (the goal: the loop at the throughput benchmark's rate).
@@ -28,21 +29,20 @@ import sys
 import textwrap
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"   # the checkout's data/ (default_data)
 SCRUBBED_PREFIXES = ("OMP_", "KMP_", "NUMBA_", "MALLOC_", "GOMP_")
 
 CHILD = textwrap.dedent("""
     import torch            # first, as a user's script would: torch's OpenMP runtime loads now
     import json, sys, time
-    sys.path.insert(0, {here!r})
     mode, what, data, batches, out = sys.argv[1:6]
     batches = int(batches)
     if mode == "tuned":
         from fastneg.host import keep_freed_memory
         keep_freed_memory()
-    result = {{}}
+    result = {}
     if what == "copy":
-        from throughput import patch_vs_copy
+        from fastneg.benchmarking.timing import patch_vs_copy
         result = patch_vs_copy(256, 224, "cpu", trials=3)
     else:
         import torch
@@ -72,8 +72,8 @@ CHILD = textwrap.dedent("""
                      for i, v in enumerate(batch.views)]
             patch_negatives(views[0], layout="nchw", patch_range=(16, 72), seed=0, step=step)
 
-        result = {{"loader_img_s": rate(lambda batch, step: None),
-                   "loop_img_s": rate(full)}}
+        result = {"loader_img_s": rate(lambda batch, step: None),
+                  "loop_img_s": rate(full)}
         result["of_loader"] = result["loop_img_s"] / result["loader_img_s"]
     open(out, "w").write(json.dumps(result))
 """)
@@ -82,14 +82,14 @@ CHILD = textwrap.dedent("""
 def environment(mode: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_PREFIXES)}
     if mode == "tuned":
-        from throughput import row_environment   # the rows' environment, exactly
+        from fastneg.benchmarking.common import row_environment   # throughput's rows' exactly
         env = {**env, "OMP_WAIT_POLICY": row_environment()["OMP_WAIT_POLICY"]}
     return env
 
 
 def measure(mode: str, what: str, data: Path, batches: int, workdir: Path) -> dict:
     out = workdir / f"{mode}-{what}.json"
-    code = CHILD.format(here=str(HERE))
+    code = CHILD
     done = subprocess.run([sys.executable, "-c", code, mode, what, str(data), str(batches),
                            str(out)], env=environment(mode), capture_output=True, text=True,
                           timeout=900)
@@ -102,15 +102,15 @@ def measure(mode: str, what: str, data: Path, batches: int, workdir: Path) -> di
 def main(argv=None) -> int:
     import tempfile
 
-    sys.path.insert(0, str(HERE))
-    from throughput import default_data, hardware
+    from fastneg.benchmarking.common import hardware
+    from fastneg.benchmarking.data import default_data
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="an ImageFolder's train split (default: the "
                    "benchmark photos, made on first use)")
     p.add_argument("--batches", type=int, default=20, help="measured batches per loop rate")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    data = args.data or default_data()
+    data = args.data or default_data(DATA_ROOT)
     if not data.is_dir():
         print(f"plain_process: error: --data {data} is not a folder", file=sys.stderr)
         return 2

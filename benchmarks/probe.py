@@ -41,8 +41,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from fastneg.eval.knn import knn_predict_chunked  # noqa: E402
 from fastneg.eval.linear import EPOCHS, STEPS, default_epochs, feature_stats, \
     train_linear_probe, train_linear_probe_sgd  # noqa: E402

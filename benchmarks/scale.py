@@ -36,7 +36,6 @@ core, which a node with a core per rank does not have. Prints a table and writes
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
@@ -48,10 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastneg.benchmarking.data import generate_folder
 
 IMAGENET_1K = 1_281_167
-VARIANTS = 16          # distinct encoded images written under the many names
 BATCH = 32             # per rank, for the first batch
 MARKER = ".fastneg-scale"   # in a generated folder: "<images> <classes>"
 
@@ -68,27 +66,6 @@ def memory_mb() -> dict:
     except OSError:
         pass
     return out
-
-
-def generate_folder(root: Path, images: int, classes: int) -> float:
-    """Write `images` tiny JPEGs (VARIANTS distinct ones) into `classes` folders; seconds."""
-    from PIL import Image
-
-    t0 = time.perf_counter()
-    encoded = []
-    rng = np.random.default_rng(0)
-    for k in range(VARIANTS):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(buf, "JPEG", quality=85)
-        encoded.append(buf.getvalue())
-    per_class = -(-images // classes)
-    for c in range(classes):
-        folder = root / f"n{c:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for k in range(c * per_class, min(images, (c + 1) * per_class)):
-            with open(folder / f"n{c:08d}_{k}.JPEG", "wb") as f:
-                f.write(encoded[k % VARIANTS])
-    return time.perf_counter() - t0
 
 
 def synthetic_index(path: Path, entries: int, classes: int) -> float:

@@ -31,12 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fastneg.benchmarking.data import default_data, generate_folder
+from fastneg.data.files import available_cpus
+from fastneg.data.index import load_index
+from fastneg.data.shards import iter_tar, open_shard, resolve_shards, write_shards
+from fastneg.loaders import available_kinds, build_loader
 
-from fastneg.data.files import available_cpus  # noqa: E402
-from fastneg.data.index import load_index  # noqa: E402
-from fastneg.data.shards import iter_tar, open_shard, resolve_shards, write_shards  # noqa: E402
-from fastneg.loaders import available_kinds, build_loader  # noqa: E402
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"   # the checkout's data/ (default_data)
 
 
 def read_folder(root: Path) -> tuple[int, float]:
@@ -149,12 +150,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastneg-shards-") as tmp:
         work = Path(tmp)
         if args.data is None:
-            from throughput import default_data
-            args.data = default_data()
+            args.data = default_data(DATA_ROOT)
         rows.append(bench_dataset("photos" if args.data.name == "train" else args.data.name,
                                   args.data, work, args))
         if args.small:
-            from scale import generate_folder
             small = work / "small"
             seconds = generate_folder(small, args.small, 1000)
             print(f"generated {args.small} tiny files in {seconds:.0f} s", flush=True)

@@ -22,7 +22,7 @@ over that tree, sampled every 50 ms: pages shared by forked workers count once p
 the tree's PSS at the end of the measured batches (shared pages split between processes, so
 the fair figure when comparing multi-process loaders with in-process ones).
 
-The baseline, loader "published" (benchmarks/published_baseline.py), is measured in the same run
+The baseline, loader "published" (fastneg.benchmarking.published), is measured in the same run
 for every requested negatives kind, and every row reports img/s as a ratio to the baseline row
 with the same negatives.
 
@@ -33,7 +33,8 @@ scale); its textures are the images resized to the training size, JPEG q90 (the 
 decoding and augmenting texture NS does not depend on what the pixels show; quilting them would
 take minutes). The bank and the FFCV texture .beton are written in a temporary folder each run,
 apart from the timed rows. The baseline reads the first TEXTURE_BANK_SIZE of those images as JPEG
-files, one per sample, as the published code reads its texture files.
+files, one per sample, as the published code reads its texture files. (The shared pieces, also
+used by the other benchmarks, live in fastneg.benchmarking.)
 
 Also per fastneg loader: "loader img/s", the bare loader's rate (its two uint8 crops, nothing
 after; a row of its own, "loader-only", shown as a column) and the finished rate as a fraction of
@@ -60,33 +61,28 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
+from fastneg.benchmarking.common import (ProcessTree, comma_list, hardware, last_line,
+                                         non_negative, positive, resolve_device,
+                                         row_environment)
+from fastneg.benchmarking.data import (BANK_DIR, LOADERS, NEGATIVES, TEXTURE_BETON,
+                                       FastnegBatches, default_data, prepare_ffcv,
+                                       write_texture_bank)
+from fastneg.benchmarking.timing import patch_vs_copy
 from fastneg.data.files import available_cpus
 from fastneg.host import keep_freed_memory
-from fastneg.step import PAPER_SIZE, make_views_and_negatives, scaled_patch_range
+from fastneg.step import PAPER_SIZE, scaled_patch_range
 
-LOADERS = ("dali", "ffcv", "torch")
-NEGATIVES = ("none", "patch", "texture")
 BASELINE = "published"
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / "data" / "photos"
-SYNTHETIC_DATA = REPO / "data" / "imagenet-like"
-# 1,600 training images (photos: 200 per class x 8; synthetic: 160 x 10): one epoch covers the
-# default 2 warm-up + 20 measured batches of 64, so no row's timing includes an epoch boundary.
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"   # the checkout's data/ (default_data)
 # (With 8 measured batches, about half a second per fastneg row, the same row moved by up to
-# 40% from one run to the next on a 2-core VM.)
-DEFAULT_IMAGES_PER_CLASS = 160
+# 40% from one run to the next on a 2-core VM: hence 20, one epoch of the default data.)
 LOADER_ONLY = "loader-only"    # internal negatives kind: the bare loader's batches
 # The CPU goals the summary line checks.
 GOAL_OF_LOADER = 0.6           # finished patch-NS rate / loader-only rate
@@ -94,154 +90,8 @@ GOAL_VS_BASELINE = 3.0         # finished patch-NS rate / the published pipeline
 GOAL_OF_COPY = 0.7             # patch_negatives GB/s / out.copy_(x) GB/s
 GOAL_WARM_START_S = 5.0        # process start -> first finished batch, kernels cached
 GOAL_TEXTURE_OF_PATCH = 0.85   # finished texture-NS rate / finished patch-NS rate, same loader
-TEXTURE_BANK_SIZE = 64         # the baseline's texture files
-BANK_DIR = "bank"              # fastneg's JPEG texture bank, in the run's temporary folder
-TEXTURE_BETON = "textures.beton"   # FFCV: the data with the bank's texture field, same folder
-RSS_SAMPLE_S = 0.05
 RECORD_KEYS = ("loader", "negatives", "device", "img_per_s", "cpu_s_per_1k", "peak_rss_mb",
                "ratio_vs_baseline", "first_batch_s")
-
-
-# ---------------------------------------------------------------- measuring a process tree
-
-class ProcessTree:
-    """CPU time and peak RSS of this process and every live descendant.
-
-    CPU: user + system of each live process, plus the children_* times of each (its reaped
-    children), so a worker's time is neither lost when it exits nor counted twice.
-    """
-
-    def __init__(self):
-        import psutil
-        self._psutil = psutil
-        self.root = psutil.Process()
-        self.peak_rss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample_rss, daemon=True)
-        self._thread.start()
-
-    def _members(self):
-        return [self.root] + self.root.children(recursive=True)
-
-    def _sum(self, read) -> float:
-        total = 0.0
-        for p in self._members():
-            try:
-                total += read(p)
-            except (self._psutil.NoSuchProcess, self._psutil.ZombieProcess):
-                pass   # exited between listing and reading: its time is in its parent's children_*
-        return total
-
-    def cpu_seconds(self) -> float:
-        def times(p):
-            t = p.cpu_times()
-            return t.user + t.system + t.children_user + t.children_system
-        return self._sum(times)
-
-    def rss(self) -> int:
-        return int(self._sum(lambda p: p.memory_info().rss))
-
-    def _sample_rss(self):
-        while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, self.rss())
-            self._stop.wait(RSS_SAMPLE_S)
-
-    def pss(self) -> int:
-        """Proportional set size of the tree: shared pages split between the processes mapping
-        them, so forked workers are not charged for the parent's pages. A page-table walk
-        (~30 ms per process), hence read once, outside the timed window."""
-        return int(self._sum(lambda p: p.memory_full_info().pss))
-
-    def close(self) -> int:
-        """Stop sampling; the peak RSS in bytes."""
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak_rss, self.rss())
-
-
-# ---------------------------------------------------------------- finished batches
-
-class FastnegBatches:
-    """Endless finished batches (views, negatives) from a fastneg loader, made by the trainer's
-    step (fastneg.step); built eagerly so that an unavailable backend fails here, not at the
-    first batch."""
-
-    def __init__(self, kind, source, *, batch_size, size, device, workers, negatives,
-                 texture_bank=None, seed=0):
-        from fastneg.augment import MoCoV2Augment
-        from fastneg.loaders import build_loader
-        self.loader = build_loader(kind, str(source), batch_size=batch_size, size=size,
-                                   device=str(device), seed=seed, workers=workers,
-                                   texture_bank=texture_bank)
-        self.aug = MoCoV2Augment()
-        self.negatives, self.seed = negatives, seed
-        self.patch_range = scaled_patch_range(size)
-        self.source = source
-
-    def __iter__(self):
-        step, epoch = 0, 0
-        while True:
-            self.loader.set_epoch(epoch)
-            empty = True
-            for batch in self.loader:
-                empty = False
-                yield self.finish(batch, step)
-                step += 1
-            if empty:
-                raise ValueError(f"dataset {self.source} has fewer images than the batch size")
-            epoch += 1
-
-    def finish(self, batch, step):
-        """Loader batch -> (views, negatives), on the device, as the trainer makes them."""
-        return make_views_and_negatives(batch, aug=self.aug, seed=self.seed, step=step,
-                                        negatives=self.negatives, patch_range=self.patch_range)
-
-
-def prepare_ffcv(data: Path, timeout: float, *, texture_bank: Path | None = None,
-                 beton: Path | None = None) -> Path:
-    """The dataset as a .beton next to it, converted once (in a subprocess: FFCV's writer can
-    deadlock in a process that already ran a Loader). RuntimeError with the reason on failure.
-
-    texture_bank: also store each image's texture from this JPEG bank (`fastneg convert
-    --texture-bank`), in `beton`, converted every time (the bank is the run's own)."""
-    if texture_bank is None:
-        beton = data.parent / f"{data.name}.beton"
-        if beton.exists() and beton.stat().st_mtime >= data.stat().st_mtime:
-            return beton
-    cmd = [sys.executable, "-m", "fastneg.cli", "convert", "--to", "ffcv", str(data), str(beton)]
-    if texture_bank is not None:
-        cmd += ["--texture-bank", str(texture_bank), "--force"]
-    print(f"converting {data} to {beton}" + (" with the texture bank's field" if texture_bank
-                                             else " (once)"), file=sys.stderr, flush=True)
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"'fastneg convert --to ffcv' took more than {timeout:.0f} s") from None
-    if done.returncode != 0 or not beton.exists():
-        beton.unlink(missing_ok=True)
-        raise RuntimeError(f"'fastneg convert --to ffcv' failed: {_last_line(done.stderr)}")
-    return beton
-
-
-def write_texture_bank(data: Path, size: int, workdir: Path) -> Path:
-    """The benchmark's textures: every image resized to size x size, as a JPEG q90 texture bank
-    workdir/BANK_DIR of `data` (fastneg's format, one texture per image: returned), and the
-    first TEXTURE_BANK_SIZE of them as JPEG q90 files workdir/texture_*.jpg (baseline)."""
-    from PIL import Image
-
-    from fastneg.data.imagefolder import scan_image_folder
-    from fastneg.texture.build import write_bank_from_arrays
-    listing = scan_image_folder(data)
-
-    def textures():
-        for i in range(len(listing)):
-            with Image.open(listing.path(i)) as img:
-                tex = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            if i < TEXTURE_BANK_SIZE:
-                tex.save(workdir / f"texture_{i:04d}.jpg", quality=90)
-            yield np.asarray(tex)
-    return write_bank_from_arrays(data, workdir / BANK_DIR, textures(), quality=90,
-                                  algorithm="resized-images (benchmark)")
 
 
 # ---------------------------------------------------------------- one row (child process)
@@ -291,7 +141,7 @@ def measure_row(args) -> dict:
 
 def _build_row(args, loader, negatives, device):
     if loader == BASELINE:
-        from published_baseline import published_batches, published_loader
+        from fastneg.benchmarking.published import published_batches, published_loader
         textures = (sorted(Path(args.workdir).glob("texture_*.jpg")) if negatives == "texture"
                     else ())
         dl = published_loader(args.data, batch_size=args.batch_size, size=args.size,
@@ -345,11 +195,6 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
 
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[-1] if lines else "no error output"
-
-
 def _record(loader, negatives, device, **fields) -> dict:
     rec = {"loader": loader, "negatives": negatives, "device": device, "img_per_s": None,
            "batches_per_s": None, "cpu_s_per_1k": None, "peak_rss_mb": None,
@@ -379,17 +224,6 @@ def run_rows(args, rows, device: str, workdir: Path, sources: dict, unavailable:
     return records
 
 
-def row_environment() -> dict:
-    """The environment of every row: OpenMP threads sleep instead of spinning while they wait.
-
-    Spinning threads of the main process starve the loader's workers whenever the cores are
-    shared (measured on 2 cores: the torch loader went from 16 to 258 img/s); a value the
-    user set is kept. (Every row's process also keeps freed memory for reuse, as train/moco.py
-    does on a CPU: fastneg.host.keep_freed_memory.)
-    """
-    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-
-
 def _run_child(args, loader, negatives, device, workdir, source, *, numba_cache=None,
                tag="") -> dict:
     """One row in a fresh process; numba_cache: its NUMBA_CACHE_DIR, and only its first batch
@@ -416,7 +250,7 @@ def _run_child(args, loader, negatives, device, workdir, source, *, numba_cache=
                        reason=f"timed out after {args.row_timeout:.0f} s (--row-timeout)")
     if done.returncode != 0 or not record_path.exists():
         return _record(loader, negatives, device,
-                       reason=f"exit {done.returncode}: {_last_line(done.stderr)}")
+                       reason=f"exit {done.returncode}: {last_line(done.stderr)}")
     return json.loads(record_path.read_text())
 
 
@@ -455,65 +289,6 @@ def add_loader_rates(records: list, startup: dict, startup_negatives) -> list:
     return kept
 
 
-def patch_vs_copy(batch_size: int, size: int, device: str, repeats: int = 15,
-                  trials: int = 5) -> dict:
-    """{"float32 NCHW": {"memory": f, "cache": f, "memory_trials": [...], "cache_trials": [...]},
-    "uint8 NHWC": {...}}: patch_negatives into a preallocated output as a fraction of
-    out.copy_(x)'s speed on the same tensor (the batch's shape), measured in alternation
-    (benchmarks/kernels.py has the full comparison); f is the median over `trials` trials, each
-    on freshly allocated tensors (on a 2-core VM the fraction moved by up to 30 points from one
-    allocation to the next, and by a few within one).
-
-    "memory": a buffer four times the last-level cache is written before every timed call, so
-    both read x and write out from memory: the bandwidth comparison the goal is about. Both
-    functions then run once on a tiny tensor, untimed, so that the timed call finds its code
-    and Python's objects in the cache again and only the data comes from memory (with the
-    eviction alone, patch_negatives' Python checks took ~80 us instead of ~12).
-    "cache": back-to-back calls, so x and out stay in the cache as far as they fit (a 64-image
-    uint8 batch, 9.6 MB, fits a 32 MB L3, and the copy then runs at cache speed, several times
-    memory bandwidth)."""
-    import statistics
-
-    import torch
-    from kernels import alternate, cache_evictor
-
-    from fastneg.kernels import patch_negatives
-    dev = torch.device(device)
-    evict = cache_evictor(dev)
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"float32 NCHW": ((batch_size, 3, size, size), torch.float32, "nchw"),
-              "uint8 NHWC": ((batch_size, size, size, 3), torch.uint8, "nhwc")}
-    fractions = {}
-    for name, (shape, dtype, layout) in shapes.items():
-        memory, cache = [], []
-        tiny_shape = shape[:1] + tuple(min(s, 16) for s in shape[1:])
-        tiny = torch.zeros(tiny_shape, dtype=dtype, device=dev)
-        tiny_out = torch.empty_like(tiny)
-
-        def evict_data_only():
-            evict()
-            patch_negatives(tiny, layout=layout, patch_range=(2, 5), seed=0, out=tiny_out)
-            tiny_out.copy_(tiny)
-
-        for _ in range(trials):
-            x = torch.randint(0, 256, shape, generator=gen).to(dtype).to(dev)
-            out = torch.empty_like(x)
-            pair = (lambda: patch_negatives(x, layout=layout,
-                                            patch_range=scaled_patch_range(size), seed=0,
-                                            out=out),
-                    lambda: out.copy_(x))
-            (patch_s, _), (copy_s, _) = alternate(pair, dev, repeats, 1, before=evict_data_only)
-            memory.append(copy_s / patch_s)                 # device seconds, one call each
-            inner = min(64, max(1, (64 << 20) // (2 * x.nbytes)))   # ~64 MB per timing
-            (patch_s, _), (copy_s, _) = alternate(pair, dev, repeats, inner)
-            cache.append(copy_s / patch_s)
-            del x, out, pair
-        fractions[name] = {"memory": statistics.median(memory),
-                           "cache": statistics.median(cache),
-                           "memory_trials": memory, "cache_trials": cache}
-    return fractions
-
-
 def measure_copy(args, device: str, workdir: Path) -> dict | None:
     """patch_vs_copy in a fresh process with the rows' environment (the main process's OpenMP
     threads would spin against Numba's: measured 2x slower patch_negatives), or None when it
@@ -528,7 +303,7 @@ def measure_copy(args, device: str, workdir: Path) -> dict | None:
         print(f"patch vs copy: timed out after {args.row_timeout:.0f} s", file=sys.stderr)
         return None
     if done.returncode != 0 or not record.exists():
-        print(f"patch vs copy: exit {done.returncode}: {_last_line(done.stderr)}",
+        print(f"patch vs copy: exit {done.returncode}: {last_line(done.stderr)}",
               file=sys.stderr)
         return None
     return json.loads(record.read_text())
@@ -660,84 +435,6 @@ def write_plot(records: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {available_cpus()} cores usable"
-
-
-def resolve_device(name: str | None) -> str:
-    import torch
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device name ({e})") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU on this machine")
-    return str(dev)
-
-
-def default_data(synthetic: bool = False) -> Path:
-    """The default dataset's train folder, generated on first use (photos, or --synthetic)."""
-    if not synthetic:
-        from fastneg.data.photos import DEFAULT_IMAGES_PER_CLASS as PER_CLASS
-        from fastneg.data.photos import PHOTOS, make_photos
-        train = DEFAULT_DATA / "train"
-        # written whole or not at all (fastneg.fs); a set of another size (an older
-        # default) is made again
-        if not train.is_dir() or sum(1 for _ in train.rglob("*.jpg")) != len(PHOTOS) * PER_CLASS:
-            print(f"generating the benchmark photos in {DEFAULT_DATA} (once), like: fastneg "
-                  f"make-data --photos --out {DEFAULT_DATA} --force", file=sys.stderr,
-                  flush=True)
-            make_photos(DEFAULT_DATA, force=True)
-        return train
-    from fastneg.data.synthetic import SHAPES, DatasetSpec, make_dataset, read_metadata
-    train = SYNTHETIC_DATA / "train"
-    if not (train / "metadata.csv").exists() or \
-            len(read_metadata(train)) != len(SHAPES) * DEFAULT_IMAGES_PER_CLASS:
-        print(f"generating the benchmark dataset in {SYNTHETIC_DATA} (once), like: fastneg "
-              f"make-data --out {SYNTHETIC_DATA} --imagenet-like --images-per-class "
-              f"{DEFAULT_IMAGES_PER_CLASS}", file=sys.stderr, flush=True)
-        make_dataset(SYNTHETIC_DATA, DatasetSpec(images_per_class=DEFAULT_IMAGES_PER_CLASS,
-                                                 imagenet_like=True), force=True)
-    return train
-
-
-def comma_list(allowed):
-    def parse(text):
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        bad = [s for s in items if s not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected a comma list of {', '.join(allowed)}")
-        return list(dict.fromkeys(items))
-    return parse
-
-
-def positive(text):
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def non_negative(text):
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Finished training batches per second of every fastneg loader x negatives, "
@@ -781,8 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.row or args.copy_probe:
-        # Child: the baseline module and benchmarks/kernels.py sit beside this file.
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         keep_freed_memory()     # every row alike, the baseline too (fastneg.host; row_environment)
         if args.copy_probe:
             copy = patch_vs_copy(args.batch_size, args.size, resolve_device(args.device))
@@ -801,7 +496,7 @@ def main(argv=None) -> int:
         if args.synthetic and args.data is not None:
             raise ValueError("--synthetic picks the default data: give it or --data, not both")
         if args.data is None:
-            args.data = default_data(args.synthetic)
+            args.data = default_data(DATA_ROOT, args.synthetic)
         from fastneg.data.imagefolder import scan_image_folder
         images = len(scan_image_folder(args.data))
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:

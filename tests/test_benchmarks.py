@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from fastneg.benchmarking import common, published, timing
+from fastneg.benchmarking import data as bench_data
 from fastneg.data.synthetic import DatasetSpec, make_dataset
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -22,7 +25,6 @@ def _load(name):
 
 
 throughput = _load("throughput")
-published_baseline = _load("published_baseline")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,7 @@ def test_texture_goal_compares_texture_with_patch_on_the_same_loader():
 
 
 def _finished_texture_batch(kind, source, bank):
-    batches = throughput.FastnegBatches(kind, source, batch_size=4, size=16, device="cpu",
+    batches = bench_data.FastnegBatches(kind, source, batch_size=4, size=16, device="cpu",
                                         workers=1, negatives="texture", texture_bank=bank)
     views, negatives = next(iter(batches))
     return batches, views, negatives
@@ -156,12 +158,12 @@ def _finished_texture_batch(kind, source, bank):
 def test_texture_rows_read_a_jpeg_bank_through_the_loader(tiny_data, tmp_path):
     from fastneg.data.imagefolder import scan_image_folder
     from fastneg.texture.store import BankReader
-    bank = throughput.write_texture_bank(tiny_data, 16, tmp_path)
+    bank = bench_data.write_texture_bank(tiny_data, 16, tmp_path)
     n = len(scan_image_folder(tiny_data))
     reader = BankReader(bank, expect=tiny_data)
     assert reader.storage == "jpeg" and reader.rows == n and reader.size == 16
     # the baseline's texture files are kept: the first TEXTURE_BANK_SIZE images
-    assert len(list(tmp_path.glob("texture_*.jpg"))) == min(n, throughput.TEXTURE_BANK_SIZE)
+    assert len(list(tmp_path.glob("texture_*.jpg"))) == min(n, bench_data.TEXTURE_BANK_SIZE)
     if "torch" not in _available_kinds():
         pytest.skip("no torch loader here")
     batches, views, negatives = _finished_texture_batch("torch", tiny_data, bank)
@@ -174,9 +176,9 @@ def test_texture_rows_read_a_jpeg_bank_through_the_loader(tiny_data, tmp_path):
 def test_ffcv_texture_rows_use_a_beton_with_the_texture_field(tiny_data, tmp_path):
     if "ffcv" not in _available_kinds():
         pytest.skip("ffcv missing")
-    bank = throughput.write_texture_bank(tiny_data, 16, tmp_path)
-    beton = throughput.prepare_ffcv(tiny_data, 240, texture_bank=bank,
-                                    beton=tmp_path / throughput.TEXTURE_BETON)
+    bank = bench_data.write_texture_bank(tiny_data, 16, tmp_path)
+    beton = bench_data.prepare_ffcv(tiny_data, 240, texture_bank=bank,
+                                    beton=tmp_path / bench_data.TEXTURE_BETON)
     args = throughput.build_parser().parse_args(
         ["--data", str(tiny_data), "--workdir", str(tmp_path), "--size", "16",
          "--batch-size", "4", "--workers", "1", "--source", str(tmp_path / "plain.beton")])
@@ -211,7 +213,7 @@ def test_a_loader_known_to_be_unavailable_is_reported_without_running(tmp_path):
 
 
 def test_process_tree_counts_cpu_of_exited_children():
-    tree = throughput.ProcessTree()
+    tree = common.ProcessTree()
     before = tree.cpu_seconds()
     spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
     subprocess.run([sys.executable, "-c", spin], check=True)
@@ -223,9 +225,9 @@ def test_process_tree_counts_cpu_of_exited_children():
 def test_published_patch_loop_copies_windows_of_the_query():
     size, lo, hi = 20, 3, 7
     q = torch.arange(3 * size * size, dtype=torch.float32).view(3, size, size)
-    rng = published_baseline.np.random.default_rng(1)
+    rng = np.random.default_rng(1)
     for _ in range(20):
-        ns = published_baseline.patch_negative_loop(q, (lo, hi), rng)
+        ns = published.patch_negative_loop(q, (lo, hi), rng)
         assert ns.shape == q.shape
         # q[c, y, x] = c*S*S + y*S + x, so a tile's first pixel says where its window starts.
         y, x = divmod(int(ns[0, 0, 0]), size)
@@ -259,11 +261,7 @@ def test_moco_step_smoke_on_cpu(tiny_data, tmp_path, negatives):
 
 def test_patch_vs_copy_gives_speed_fractions_per_layout_from_memory_and_in_cache():
     """The goals line's copy comparison: device-seconds ratios, positive and finite."""
-    sys.path.insert(0, str(BENCH))   # throughput imports benchmarks/kernels.py by name
-    try:
-        fractions = throughput.patch_vs_copy(2, 16, "cpu", repeats=1, trials=3)
-    finally:
-        sys.path.remove(str(BENCH))
+    fractions = timing.patch_vs_copy(2, 16, "cpu", repeats=1, trials=3)
     assert set(fractions) == {"float32 NCHW", "uint8 NHWC"}
     for f in fractions.values():
         assert set(f) == {"memory", "cache", "memory_trials", "cache_trials"}
@@ -283,12 +281,7 @@ def test_copy_probe_runs_in_a_child_with_the_rows_environment(tmp_path):
 
 
 def test_last_level_cache_is_read_from_sysfs():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import kernels
-    finally:
-        sys.path.remove(str(BENCH))
-    size = kernels.last_level_cache_bytes()
+    size = timing.last_level_cache_bytes()
     assert size is None or size >= 1 << 16    # at least 64 KiB where the kernel reports one
 
 def test_launch_overhead_reports_each_layer_or_why_not():

@@ -92,10 +92,12 @@ def tiny_data(tmp_path):
 
 def test_trainer_and_throughput_benchmark_run_the_same_step(tiny_data, tmp_path, monkeypatch):
     from fastneg.train import loop as trainer
+    from fastneg.benchmarking import data as bench_data
     throughput = _load(REPO / "benchmarks" / "throughput.py", "bench_throughput_step_check")
     the_step = step_module.make_views_and_negatives
     assert trainer.make_views_and_negatives is the_step
-    assert throughput.make_views_and_negatives is the_step
+    assert throughput.FastnegBatches is bench_data.FastnegBatches   # the rows' batches
+    assert bench_data.make_views_and_negatives is the_step
 
     calls = []
 
@@ -104,8 +106,8 @@ def test_trainer_and_throughput_benchmark_run_the_same_step(tiny_data, tmp_path,
         return the_step(batch, **kwargs)
 
     # The benchmark's fastneg rows: a finished batch is exactly the step function's output.
-    monkeypatch.setattr(throughput, "make_views_and_negatives", spy)
-    batches = throughput.FastnegBatches("torch", tiny_data / "train", batch_size=8, size=SIZE,
+    monkeypatch.setattr(bench_data, "make_views_and_negatives", spy)
+    batches = bench_data.FastnegBatches("torch", tiny_data / "train", batch_size=8, size=SIZE,
                                         device="cpu", workers=0, negatives="patch")
     views, negatives = next(iter(batches))
     assert calls == ["patch"]

@@ -98,3 +98,15 @@ def test_layers_import_downwards_only(lower, upper):
                    if m == lower or m.startswith(lower + ".")
                    for t in targets if t == upper or t.startswith(upper + "."))
     assert not wrong, wrong
+
+
+def test_only_the_benchmarks_import_the_benchmarking_module():
+    """fastneg.benchmarking sits on top: the benchmark scripts' shared code may import any of
+    fastneg, and no module outside it imports it."""
+    graph = import_graph()
+    assert "fastneg.benchmarking.data" in graph          # the graph does see the package
+    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items()
+                   if m != "fastneg.benchmarking" and not m.startswith("fastneg.benchmarking.")
+                   for t in targets
+                   if t == "fastneg.benchmarking" or t.startswith("fastneg.benchmarking."))
+    assert not wrong, wrong

@@ -4,8 +4,9 @@ This re-creates, for measurement only, what the authors' MoCo-v2 fork does per s
 DataLoader workers: torchvision ImageFolder + PIL decode, MoCo-v2 "aug-plus" with torchvision
 transforms applied twice, then the non-semantic negative made in plain Python, and batches
 collated to float32 and shipped to the device. It is deliberately *not* fastneg's data path and
-nothing in fastneg uses it. Its randomness is torchvision's/NumPy's per-worker state (as in the
-original), seeded per worker so that workers do not repeat each other.
+nothing in fastneg uses it (benchmarks/throughput.py measures it). Its randomness is
+torchvision's/NumPy's per-worker state (as in the original), seeded per worker so that workers
+do not repeat each other.
 
 Negatives:
 - "patch": the paper's loop (docs/method.md) on the normalized float query tensor: d ~ U[lo, hi],
