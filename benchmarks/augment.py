@@ -7,8 +7,8 @@ Dataset pipeline runs it), in one process, on the same inputs, at each thread co
 
 All sides get the same uint8 batch [N, H, W, 3] already on the device and produce normalized
 [N, 3, H, W] there, with the same draws for both fastneg paths (sample() is timed apart).
-fused: MoCoV2Augment.apply (one Numba kernel: fastneg.augment_cpu on CPU tensors,
-fastneg.augment_cuda on CUDA ones; its first call, untimed, loads or compiles it). torch: the
+fused: MoCoV2Augment.apply (one Numba kernel: fastneg.augment.cpu on CPU tensors,
+fastneg.augment.cuda on CUDA ones; its first call, untimed, loads or compiles it). torch: the
 batched torch-op chain (MoCoV2Augment._apply_torch, the reference). *_ms_per_batch: the same
 medians per batch of --batch images (the GPU check reports 224 px batches of 256). torchvision: RandomHorizontalFlip, RandomApply(ColorJitter
 (0.4, 0.4, 0.4, 0.1), p 0.8), RandomGrayscale(0.2), RandomApply(GaussianBlur(kernel as fastneg's,
