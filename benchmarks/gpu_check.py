@@ -98,6 +98,8 @@ def _nvvm_compiles(problems: list) -> bool:
     """Compile one tiny kernel to PTX (sm_80; no GPU needed): a missing NVVM shows here, in
     seconds, instead of as a failure of every kernel stage."""
     try:
+        from fastneg.kernels.rng import numpy_aliases_for_numba_cuda
+        numpy_aliases_for_numba_cuda()          # numpy 2.5 with numba-cuda 0.30.4 needs it
         from numba import cuda, float32
         cuda.compile_ptx(_tiny_kernel, (float32[::1],), cc=(8, 0))
     except Exception as e:      # NvvmSupportError and friends: reported with the fix

@@ -73,3 +73,16 @@ def test_a_kernel_that_does_not_type_is_reported_by_name(monkeypatch):
     with pytest.raises(RuntimeError, match=r"CUDA kernel bad does not compile for sm_90: "
                                            r"TypingError"):
         cuda_targets.compile_all((9, 0))
+
+
+def test_numpy_without_row_stack_still_compiles_kernels(monkeypatch):
+    # numpy 2.5 removed np.row_stack, which numba-cuda 0.30.4 registers an overload of when it
+    # compiles; fastneg gives the alias back before it compiles anything for CUDA
+    import numpy as np
+
+    from fastneg.kernels import rng
+    monkeypatch.delattr(np, "row_stack", raising=False)
+    rng.cuda_device_jit()
+    assert np.row_stack is np.vstack
+    ptx = cuda_targets.compile_all((9, 0))
+    assert ".entry" in ptx["patch.draw"]

@@ -108,10 +108,21 @@ def _compile(jit):
 mix_cpu, uniform_cpu, randint_cpu = _compile(numba.njit(inline="always"))
 
 
+def numpy_aliases_for_numba_cuda() -> None:
+    """numba-cuda 0.30.4 (the newest release) registers an overload of np.row_stack when it
+    compiles its first kernel; numpy 2.5 removed that alias of np.vstack, so with numpy 2.5
+    (what GPU machines ship) every CUDA kernel failed to compile with "module 'numpy' has no
+    attribute 'row_stack'" (found by `make test-compat`). Give numpy the alias back, only where
+    it is missing. Called before anything of fastneg compiles for CUDA."""
+    if not hasattr(np, "row_stack"):
+        np.row_stack = np.vstack
+
+
 def cuda_device_jit():
     """The decorator for fastneg's CUDA device functions: numba.cuda.jit(device=True), inlined
     into their callers at the NVVM level (forceinline; numba-cuda deprecates inline=True).
     Numba's CUDA simulator knows no forceinline and gets plain device functions."""
+    numpy_aliases_for_numba_cuda()
     from numba import config, cuda
     if config.ENABLE_CUDASIM:
         return cuda.jit(device=True)
