@@ -13,13 +13,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from fastneg.loaders.batch import Batch
 from fastneg.loaders.common import LoaderConfig, crop_boxes
 from fastneg.loaders.shards import ShardLoaderBase, take
-from fastneg.loaders.torch_loader import (Loader, _as_is, _BatchReader, _crop_into, _decode_cpu,
-                                          prefetched)
+from fastneg.loaders.torch_loader import Loader, _as_is, _BatchReader, _decode_cpu, prefetched
 
 JPEG_SOI = b"\xff\xd8"
 
@@ -72,23 +70,8 @@ class _ShardReader(_BatchReader):
             except RuntimeError as e:
                 failures.append((names[k], f"cannot be decoded ({e})"))
         idx, heights, widths = idx[kept], heights[kept], widths[kept]
-        labels, indices = torch.from_numpy(labels[kept]), torch.from_numpy(idx)
-        textures = None
-        if self.bank is not None:
-            textures = [torch.from_numpy(self.bank.encoded(r).copy())
-                        for r in self.bank.rows_for(idx).tolist()]
-        if self.decode_on_device:
-            return items, labels, indices, failures, textures
-        views = torch.empty((self.cfg.views, len(idx), self.cfg.size, self.cfg.size, 3),
-                            dtype=torch.uint8)
-        _crop_into(views, items, self.boxes(epoch, idx, heights, widths), self.cfg.size)
-        if textures is not None:
-            boxes, flips = self.texture_boxes(epoch, idx)
-            out = torch.empty((1, len(idx), self.cfg.size, self.cfg.size, 3), dtype=torch.uint8)
-            _crop_into(out, [decode_jpeg(t, mode=ImageReadMode.RGB) for t in textures], [boxes],
-                       self.cfg.size, flips)
-            textures = out[0]
-        return views, labels, indices, failures, textures
+        return self.batch(epoch, items, idx, labels[kept], failures,
+                          lambda: self.boxes(epoch, idx, heights, widths))
 
 
 class ShardLoader(ShardLoaderBase, Loader):

@@ -313,7 +313,14 @@ class _BatchReader(Dataset):
             except RuntimeError as e:     # torchvision's decode errors
                 failures.append((self.paths[i], f"cannot be decoded ({e})"))
         idx = idx[kept]
-        labels, indices = torch.from_numpy(self.labels[idx]), torch.from_numpy(idx)
+        return self.batch(epoch, items, idx, self.labels[idx], failures,
+                          lambda: self.boxes(epoch, idx))
+
+    def batch(self, epoch, items, idx, labels, failures, view_boxes):
+        """The worker's result for the kept `items` (decoded images, or JPEG bytes for the
+        device) of dataset indices `idx` with their `labels`: the textures' bytes fetched, and on
+        the CPU path the views and textures cropped here. view_boxes() gives the views' boxes."""
+        labels, indices = torch.from_numpy(labels), torch.from_numpy(idx)
         textures = None
         if self.bank is not None:
             textures = [torch.from_numpy(self.bank.encoded(r).copy())
@@ -322,7 +329,7 @@ class _BatchReader(Dataset):
             return items, labels, indices, failures, textures
         views = torch.empty((self.cfg.views, len(idx), self.cfg.size, self.cfg.size, 3),
                             dtype=torch.uint8)
-        _crop_into(views, items, self.boxes(epoch, idx), self.cfg.size)
+        _crop_into(views, items, view_boxes(), self.cfg.size)
         if textures is not None:
             boxes, flips = self.texture_boxes(epoch, idx)
             out = torch.empty((1, len(idx), self.cfg.size, self.cfg.size, 3), dtype=torch.uint8)
