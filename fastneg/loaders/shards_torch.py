@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from fastneg.loaders.batch import Batch
 from fastneg.loaders.common import LoaderConfig, crop_boxes
 from fastneg.loaders.shards import ShardLoaderBase, take
-from fastneg.loaders.torch_loader import Loader, _as_is, _BatchReader, _decode_cpu, prefetched
+from fastneg.loaders.torch_loader import Loader, _as_is, _BatchReader, _decode_cpu
 
 JPEG_SOI = b"\xff\xd8"
 
@@ -114,11 +114,7 @@ class ShardLoader(ShardLoaderBase, Loader):
                             epoch, stream, views, labels, indices, textures)
                     yield Batch(tuple(views.unbind(0)), labels, indices, textures)
                 return
-            prepare = lambda item: self._decode_and_crop(epoch, *item)   # noqa: E731
-            for batch, failures in prefetched(self._loader, prepare, self.cfg.device):
-                if failures:
-                    self.skip_or_raise(failures)
-                yield batch
+            yield from self._device_batches(epoch)
         finally:
             stream.close()
 

@@ -373,7 +373,11 @@ class Loader(LoaderBase):
                                                                     indices, textures)
                 yield Batch(tuple(views.unbind(0)), labels, indices, textures)
             return
-        # Device decode: a failure still shortens its batch (replacement: CPU decode only).
+        yield from self._device_batches(epoch)
+
+    def _device_batches(self, epoch):
+        """The decode-on-device path's batches of `epoch`, decoded and cropped on the prefetch
+        thread. A failure still shortens its batch (replacement: CPU decode only)."""
         prepare = lambda item: self._decode_and_crop(epoch, *item)   # noqa: E731
         for batch, failures in prefetched(self._loader, prepare, self.cfg.device):
             if failures:
